@@ -1,0 +1,182 @@
+"""The `di-assets` command: run the whole flow, query the scores, import ImageNet* tokens."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _settings(args):
+    from di_assets.settings import Settings
+
+    overrides = {"dataset": getattr(args, "dataset", None), "storage": getattr(args, "storage", None)}
+    settings = Settings.load(args.config, **overrides)
+    if getattr(args, "family", None):
+        settings.models = {**settings.models, "family": args.family}
+    if getattr(args, "device", None):
+        settings.models = {**settings.models, "device": args.device}
+    if getattr(args, "shifts", None):
+        settings.shifts = [s.strip() for s in args.shifts.split(",") if s.strip()]
+    if getattr(args, "num_samples", None):
+        settings.generation = {**settings.generation, "num_samples": args.num_samples}
+    return settings
+
+
+def _instance(storage: Path):
+    """The Dagster instance: $DAGSTER_HOME if set, else one kept beside the artifacts."""
+    import dagster as dg
+
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    home = storage / ".dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.local_temp(tempdir=str(home))
+
+
+def _print_table(columns, rows, out=sys.stdout):
+    cells = [[("%.4f" % v) if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)), file=out)
+
+
+def cmd_run(args) -> int:
+    import dagster as dg
+
+    from di_assets.defs import CLASSES, build_assets, build_resources
+    from di_assets.ml.classes import discover_classes
+    from di_assets.ml.shifts import select_shifts
+
+    settings = _settings(args)
+    storage = Path(settings.storage)
+    classes = discover_classes(settings.dataset)
+    if not classes:
+        raise SystemExit(f"error: no class folders in {settings.dataset}")
+    shifts = [s.key for s in select_shifts(settings.shifts)]
+    instance = _instance(storage)
+    known = set(instance.get_dynamic_partitions(CLASSES.name))
+    new = [c.key for c in classes if c.key not in known]
+    if new:
+        instance.add_dynamic_partitions(CLASSES.name, new)
+    assets, resources = build_assets(settings), build_resources(settings)
+    print(f"dataset  {settings.dataset}: {len(classes)} classes ({', '.join(c.key for c in classes)})")
+    print(f"shifts   {len(shifts)}: {', '.join(shifts)}")
+    print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
+    t0 = time.time()
+
+    def step(label, selection, partition_key=None):
+        t = time.time()
+        dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance, resources=resources)
+        print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
+
+    for i, c in enumerate(classes, 1):
+        step(f"class_token {c.key} ({i}/{len(classes)})", ["class_token"], c.key)
+    step("encoder_root", ["encoder_root"])
+    total = len(classes) * len(shifts)
+    done = 0
+    for c in classes:
+        for s in shifts:
+            done += 1
+            key = dg.MultiPartitionKey({"class": c.key, "shift": s})
+            step(f"counterfactuals + clip_scores {c.key}|{s} ({done}/{total})", ["counterfactuals", "clip_scores"], key)
+    step("scores_db", ["scores_db"])
+    print(f"\ndone in {time.time() - t0:.1f}s. Results under {storage}:")
+    print(f"  tokens        {storage / 'tokens'}/<class>/learned_embeds.safetensors")
+    print(f"  encoder root  {storage / 'encoder_root'}")
+    print(f"  images        {storage / 'images'}/<class>/<shift>/<seed>.png")
+    print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
+    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores)\n")
+    return _query(storage / "scores.duckdb", "SELECT class_key AS class, shift, images, mean_sim_class, mean_sim_shift FROM mean_scores")
+
+
+def _query(db: Path, sql: str) -> int:
+    import duckdb
+
+    if not db.exists():
+        raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize scores_db) first")
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cur = con.execute(sql)
+        rows = cur.fetchall()
+        cols = [d[0] for d in cur.description] if cur.description else []
+    except duckdb.Error as exc:
+        raise SystemExit(f"error: {exc}".splitlines()[0])
+    finally:
+        con.close()
+    if cols:
+        _print_table(cols, rows)
+    return 0
+
+
+def cmd_query(args) -> int:
+    settings = _settings(args)
+    return _query(Path(settings.storage) / "scores.duckdb", args.sql)
+
+
+def cmd_import(args) -> int:
+    from di_assets.ml.imagenet_star import import_imagenet_star
+    from di_assets.ml.models import ModelSpec
+
+    names = None
+    if args.class_names:
+        names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+    model = ModelSpec(family=args.family, diffusion=args.diffusion)
+    root = import_imagenet_star(args.tokens, args.out, class_names=names, model=model)
+    print(f"encoder root written to {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="di-assets", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", help="settings YAML (default: $DI_ASSETS_CONFIG, else the bundled example)")
+        sp.add_argument("--storage", help="storage root of all artifacts (default: ./.di_storage)")
+
+    r = sub.add_parser("run", help="materialize every asset for every partition",
+                       description="Materialize class tokens, the encoder root, counterfactuals, CLIP scores "
+                                   "and the DuckDB views for every class and shift, then print mean scores.")
+    common(r)
+    r.add_argument("--dataset", help="class-image folder (ImageFolder layout)")
+    r.add_argument("--family", choices=["tiny", "sd"], help="model family (default: tiny, offline)")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
+    r.add_argument("--shifts", help="comma-separated shift keys (default: from the config)")
+    r.add_argument("--num-samples", type=int, help="images per class and shift")
+    r.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("query", help="run SQL over the scores in DuckDB",
+                       description="Run SQL over the DuckDB views `scores` (one row per image) and `mean_scores`.")
+    common(q)
+    q.add_argument("sql", help="e.g. \"SELECT shift, avg(sim_class) FROM scores GROUP BY shift\"")
+    q.set_defaults(func=cmd_query)
+
+    i = sub.add_parser("import-imagenet-star", help="build an encoder root from published ImageNet* tokens",
+                       description="Build an encoder root from a folder of {i}.bin token files (read with weights_only=True).")
+    i.add_argument("tokens", help="folder holding 0.bin, 1.bin, ...")
+    i.add_argument("out", help="encoder root to write")
+    i.add_argument("--class-names", help="text file, one class name per line, in token order")
+    i.add_argument("--family", choices=["tiny", "sd"], default="sd", help="base model family (default: sd)")
+    i.add_argument("--diffusion", help="base model: Hub id or local folder (default: stabilityai/stable-diffusion-2)")
+    i.set_defaults(func=cmd_import)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

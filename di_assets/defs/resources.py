@@ -1,0 +1,113 @@
+"""Resources: where files live, which models run on which device, and the hyperparameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The class-image dataset (ImageFolder layout) and the storage root of every artifact."""
+
+    root: str = Field(description="Storage root: tokens/, encoder_root/, images/, scores/, scores.duckdb")
+    dataset: str = Field(description="Class-image folder: one sub-folder of images per class")
+
+    def classes(self):
+        from di_assets.ml.classes import discover_classes
+
+        return {c.key: c for c in discover_classes(self.dataset)}
+
+    def class_folder(self, key: str):
+        classes = self.classes()
+        if key not in classes:
+            raise KeyError(f"class {key!r} has no folder in {self.dataset}; was it removed?")
+        return classes[key]
+
+    def token_dir(self, key: str) -> Path:
+        return Path(self.root) / "tokens" / key
+
+    @property
+    def encoder_root(self) -> Path:
+        return Path(self.root) / "encoder_root"
+
+    def images_dir(self, key: str, shift: str) -> Path:
+        return Path(self.root) / "images" / key / shift
+
+    def scores_file(self, key: str, shift: str) -> Path:
+        return Path(self.root) / "scores" / f"class={key}" / f"shift={shift}" / "part.parquet"
+
+    @property
+    def scores_glob(self) -> str:
+        return str(Path(self.root) / "scores" / "*" / "*" / "*.parquet")
+
+    @property
+    def scores_db(self) -> Path:
+        return Path(self.root) / "scores.duckdb"
+
+
+class ModelResource(dg.ConfigurableResource):
+    """Model family, model ids and device. Models load once per process and are reused."""
+
+    family: str = Field(default="tiny", description="'tiny' (embedded, offline) or 'sd' (Stable Diffusion 1.x/2.x)")
+    diffusion: Optional[str] = Field(default=None, description="sd: Hub id or local diffusers folder")
+    clip_model: Optional[str] = Field(default=None, description="open_clip architecture (sd default ViT-H-14)")
+    clip_pretrained: Optional[str] = Field(default=None, description="open_clip pretrained tag or local checkpoint")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
+    dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16")
+
+    def spec(self):
+        from di_assets.ml.models import ModelSpec
+
+        return ModelSpec(family=self.family, diffusion=self.diffusion, clip_model=self.clip_model,
+                         clip_pretrained=self.clip_pretrained, device=self.device, dtype=self.dtype)
+
+
+class TextualInversionParams(dg.Config):
+    steps: Optional[int] = Field(default=None, description="None: family default (sd 3000, tiny 60)")
+    learning_rate: Optional[float] = None
+    batch_size: Optional[int] = None
+    gradient_accumulation: Optional[int] = None
+    resolution: Optional[int] = Field(default=None, description="None: sd 768, tiny 64")
+    num_vectors: Optional[int] = None
+    seed: Optional[int] = None
+    pin_norm: Optional[bool] = Field(default=None, description="Keep the initialiser's norm (default true)")
+    checkpoint_every: Optional[int] = None
+
+
+class GenerationParams(dg.Config):
+    num_samples: int = Field(default=4, description="Images per class and shift (ImageNet* used 50)")
+    seed: int = Field(default=0, description="Sample j uses seed + j, in every shift")
+    num_inference_steps: Optional[int] = Field(default=None, description="None: sd 50, tiny 10")
+    guidance_scale: Optional[float] = None
+    scheduler: Optional[str] = Field(default=None, description="euler (default), euler_a, ddim, dpm, pndm, ddpm")
+    resolution: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    batch_size: Optional[int] = None
+
+
+class ScoringParams(dg.Config):
+    min_sim_class: float = Field(default=0.0, description="Images below this class similarity are not kept")
+    min_sim_shift: float = Field(default=0.0, description="Images below this shift similarity are not kept")
+
+
+class InterfaceParams(dg.ConfigurableResource):
+    """Hyperparameters of the three stages; unset fields take the model family's defaults."""
+
+    textual_inversion: TextualInversionParams = TextualInversionParams()
+    generation: GenerationParams = GenerationParams()
+    scoring: ScoringParams = ScoringParams()
+
+    def ti_config(self, family: str):
+        from di_assets.ml.textual_inversion import TextualInversionConfig
+
+        return TextualInversionConfig.for_family(family, **self.textual_inversion.model_dump())
+
+    def generation_config(self, family: str):
+        from di_assets.ml.generate import GenerationConfig
+
+        g = self.generation.model_dump()
+        g.pop("num_samples"), g.pop("seed")
+        return GenerationConfig.for_family(family, **g)

@@ -1,0 +1,51 @@
+"""scores_db: a DuckDB file of views over the score Parquet files, for SQL."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from .resources import StorageResource
+
+VIEWS = {
+    # One row per image; `class` and `shift` also come from the Hive folder names.
+    "scores": "SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)",
+    "mean_scores": """
+        SELECT class_key, any_value(class_name) AS class_name, shift, count(*) AS images,
+               avg(sim_class) AS mean_sim_class, avg(sim_shift) AS mean_sim_shift,
+               avg(kept::INTEGER) AS kept_fraction
+        FROM scores GROUP BY class_key, shift ORDER BY class_key, shift""",
+}
+
+
+def summary_markdown(rows) -> str:
+    lines = ["| class | shift | images | sim_class | sim_shift |", "|---|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.4f} | {r[4]:.4f} |" for r in rows]
+    return "\n".join(lines)
+
+
+@dg.asset(
+    deps=[dg.AssetKey("clip_scores")],
+    group_name="metrics",
+    code_version="scores-db-v1",
+    kinds={"duckdb"},
+    description="DuckDB views `scores` and `mean_scores` over scores/class=*/shift=*/part.parquet",
+)
+def scores_db(context: dg.AssetExecutionContext, storage: StorageResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    from pathlib import Path
+
+    if not list(Path(storage.root).glob("scores/*/*/*.parquet")):
+        raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
+    with duckdb.get_connection() as con:
+        con.execute("BEGIN TRANSACTION")  # readers see the old views or the new ones, never a mix
+        for name, sql in VIEWS.items():
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(glob=storage.scores_glob)}")
+        con.execute("COMMIT")
+        total = con.execute("SELECT count(*) FROM scores").fetchone()[0]
+        rows = con.execute(
+            "SELECT class_key, shift, images, mean_sim_class, mean_sim_shift FROM mean_scores"
+        ).fetchall()
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(storage.scores_db)),
+        "dagster/row_count": total,
+        "partitions": len(rows),
+        "mean_scores": dg.MetadataValue.md(summary_markdown(rows)),
+    })

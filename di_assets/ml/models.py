@@ -1,0 +1,269 @@
+"""Model families: one registry that resolves a family name to loadable models.
+
+- `tiny`: the embedded default. A small UNet, VAE and CLIP text encoder with the real CLIP
+  BPE tokenizer, built deterministically from configs, written with `save_pretrained` and
+  read back with `from_pretrained`; and a tiny open_clip scorer registered with
+  `add_model_config`. Nothing is downloaded.
+- `sd`: any diffusers Stable Diffusion 1.x/2.x folder or Hub id, and any open_clip model by
+  name and pretrained tag or local checkpoint.
+
+Every loader is cached per process, so a run loads each model once.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .io import atomic_dir
+
+log = logging.getLogger("di_assets")
+
+TINY_CLIP_NAME = "di-tiny-clip"
+TINY_VERSION = "tiny-v1"  # bump when the tiny architecture changes, so caches rebuild
+TINY_SEED = 0
+FAMILIES = ("tiny", "sd")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which models to use, on which device. Hashable, so it keys the per-process caches."""
+
+    family: str = "tiny"
+    diffusion: str | None = None  # sd: Hub id or local folder; tiny: built in the cache
+    clip_model: str | None = None  # open_clip architecture name
+    clip_pretrained: str | None = None  # open_clip pretrained tag or local checkpoint
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+
+    def resolved(self) -> "ModelSpec":
+        """Fill family defaults and resolve `auto` device/dtype."""
+        if self.family == "tiny":
+            diffusion = self.diffusion or str(tiny_diffusion_dir())
+            clip_model = self.clip_model or TINY_CLIP_NAME
+            clip_pretrained = self.clip_pretrained or str(tiny_clip_checkpoint())
+        else:
+            diffusion = self.diffusion or "stabilityai/stable-diffusion-2"
+            clip_model = self.clip_model or "ViT-H-14"
+            clip_pretrained = self.clip_pretrained or "laion2b_s32b_b79k"
+        device = resolve_device(self.device)
+        return replace(self, diffusion=diffusion, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                       device=device, dtype=resolve_dtype(self.dtype, device))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """float32 on CPU (fp16 fails there in diffusers); bf16 on CUDA where supported, else fp16."""
+    if dtype != "auto":
+        if dtype in ("float16", "bfloat16") and device == "cpu":
+            raise ValueError(f"dtype {dtype} is not supported on CPU; use float32 or auto")
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "mps":
+        return "float16"
+    return "float32"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ---------------------------------------------------------------- the tiny family
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DI_ASSETS_CACHE", Path.home() / ".cache" / "di_assets"))
+
+
+def tiny_diffusion_dir() -> Path:
+    path = cache_root() / TINY_VERSION / "diffusion"
+    if not (path / "model_index.json").exists():
+        _build_tiny_diffusion(path)
+    return path
+
+
+def tiny_clip_checkpoint() -> Path:
+    register_tiny_clip()
+    path = cache_root() / TINY_VERSION / "clip" / "open_clip_model.safetensors"
+    if not path.exists():
+        _build_tiny_clip(path)
+    return path
+
+
+def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
+    """Write `vocab.json` and `merges.txt` for the CLIP BPE tokenizer from open_clip's vocabulary.
+
+    The order of ids follows CLIP exactly (bytes, bytes+</w>, merges, start, end), so every
+    prompt gets the ids that Stable Diffusion's tokenizer gives it.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = merges[1:49152 - 256 - 2 + 1]
+    pairs = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(p) for p in pairs]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
+    return out_dir / "vocab.json", out_dir / "merges.txt"
+
+
+def _build_tiny_diffusion(path: Path) -> None:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    log.info("building the tiny diffusion model in %s", path)
+    with atomic_dir(path) as tmp:
+        vocab, merges = clip_bpe_files(tmp / "_bpe")
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77)
+        torch.manual_seed(TINY_SEED)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        torch.manual_seed(TINY_SEED + 1)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8,
+        )
+        torch.manual_seed(TINY_SEED + 2)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        )
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for f in (tmp / "_bpe").iterdir():
+            f.unlink()
+        (tmp / "_bpe").rmdir()
+
+
+def register_tiny_clip() -> None:
+    import open_clip
+
+    if TINY_CLIP_NAME not in open_clip.list_models():
+        # add_model_config names the architecture after the file's stem
+        open_clip.add_model_config(Path(__file__).with_name(f"{TINY_CLIP_NAME}.json"))
+
+
+def _build_tiny_clip(path: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    log.info("building the tiny CLIP scorer in %s", path)
+    torch.manual_seed(TINY_SEED + 3)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+
+
+# ---------------------------------------------------------------- cached loaders
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists()
+
+
+@functools.lru_cache(maxsize=4)
+def load_diffusion_components(spec: ModelSpec):
+    """UNet, VAE and noise-scheduler config of a diffusion model, loaded once per process."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    spec = spec.resolved()
+    dtype = torch_dtype(spec.dtype)
+    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    log.info("loading diffusion model %s on %s (%s)", spec.diffusion, spec.device, spec.dtype)
+    unet = UNet2DConditionModel.from_pretrained(spec.diffusion, subfolder="unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(spec.diffusion, subfolder="vae", torch_dtype=dtype, **kw)
+    unet.to(spec.device).eval().requires_grad_(False)
+    vae.to(spec.device).eval().requires_grad_(False)
+    return unet, vae
+
+
+@functools.lru_cache(maxsize=4)
+def load_base_text_encoder(spec: ModelSpec):
+    """The base model's tokenizer and text encoder (float32, frozen), loaded once per process.
+
+    Shared: callers that add tokens or resize must work on a copy (`copy.deepcopy`).
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    spec = spec.resolved()
+    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    tokenizer = CLIPTokenizer.from_pretrained(spec.diffusion, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(spec.diffusion, subfolder="text_encoder", **kw)
+    text_encoder.eval().requires_grad_(False)
+    return tokenizer, text_encoder
+
+
+def load_scheduler(spec: ModelSpec, name: str = "ddpm"):
+    """A scheduler built from the diffusion model's own scheduler config."""
+    import diffusers
+
+    spec = spec.resolved()
+    classes = {
+        "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+        "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
+    }
+    if name not in classes:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
+    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    return getattr(diffusers, classes[name]).from_pretrained(spec.diffusion, subfolder="scheduler", **kw)
+
+
+@functools.lru_cache(maxsize=2)
+def load_clip(spec: ModelSpec):
+    """The open_clip scorer, its image transform and its tokenizer, loaded once per process."""
+    import open_clip
+
+    spec = spec.resolved()
+    register_tiny_clip()
+    log.info("loading CLIP %s (%s) on %s", spec.clip_model, spec.clip_pretrained, spec.device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        spec.clip_model, pretrained=spec.clip_pretrained, device=spec.device,
+    )
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(spec.clip_model)
+    return model, preprocess, tokenizer

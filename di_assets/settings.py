@@ -1,0 +1,62 @@
+"""Project settings: which dataset, where to store, which models, shifts and hyperparameters.
+
+Read from a YAML file named by `--config` or the DI_ASSETS_CONFIG environment variable;
+everything has a default that runs the bundled example on the embedded tiny models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).parent
+EXAMPLE_DATASET = PACKAGE_DIR / "example_data"
+
+
+def default_storage() -> Path:
+    if os.environ.get("DI_ASSETS_STORAGE"):
+        return Path(os.environ["DI_ASSETS_STORAGE"])
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"]) / "di_storage"
+    return Path.cwd() / ".di_storage"
+
+
+@dataclass
+class Settings:
+    dataset: str = str(EXAMPLE_DATASET)
+    storage: str = field(default_factory=lambda: str(default_storage()))
+    # ModelSpec fields: family, diffusion, clip_model, clip_pretrained, device, dtype
+    models: dict = field(default_factory=lambda: {"family": "tiny"})
+    # None: base + the 23 ImageNet* shifts; or a list of keys / {key, prompt, caption}; or a file
+    shifts: list | str | None = None
+    textual_inversion: dict = field(default_factory=dict)  # TextualInversionConfig overrides
+    generation: dict = field(default_factory=dict)  # num_samples, seed + GenerationConfig overrides
+    scoring: dict = field(default_factory=dict)  # min_sim_class, min_sim_shift
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Settings":
+        path = path or os.environ.get("DI_ASSETS_CONFIG")
+        data: dict = {}
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"config file {p} does not exist")
+            data = yaml.safe_load(p.read_text()) or {}
+            known = {f.name for f in fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                raise ValueError(f"{p}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+            # relative paths in a config file are relative to the file
+            for k in ("dataset", "storage"):
+                if k in data and not Path(data[k]).is_absolute():
+                    data[k] = str((p.parent / data[k]).resolve())
+            if isinstance(data.get("shifts"), str) and not Path(data["shifts"]).is_absolute():
+                data["shifts"] = str((p.parent / data["shifts"]).resolve())
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**data)
+        s.dataset = str(Path(s.dataset).resolve())
+        s.storage = str(Path(s.storage).resolve())
+        return s
