@@ -70,9 +70,13 @@ def cmd_run(args) -> int:
     print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
     t0 = time.time()
 
+    # Dagster's own event log stays in the instance (and the UI); the console shows progress lines.
+    quiet = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+
     def step(label, selection, partition_key=None):
         t = time.time()
-        dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance, resources=resources)
+        dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance,
+                       resources=resources, run_config=quiet)
         print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
 
     for i, c in enumerate(classes, 1):
@@ -92,7 +96,16 @@ def cmd_run(args) -> int:
     print(f"  images        {storage / 'images'}/<class>/<shift>/<seed>.png")
     print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
     print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores)\n")
-    return _query(storage / "scores.duckdb", "SELECT class_key AS class, shift, images, mean_sim_class, mean_sim_shift FROM mean_scores")
+    print("mean CLIP similarity per shift and class (sim_class / sim_shift):")
+    return _query(storage / "scores.duckdb", _pivot_sql([c.key for c in classes]))
+
+
+def _pivot_sql(class_keys: list[str]) -> str:
+    cells = ", ".join(
+        f"printf('%.3f / %.3f', max(mean_sim_class) FILTER (class_key = '{k}'), "
+        f"max(mean_sim_shift) FILTER (class_key = '{k}')) AS \"{k}\"" for k in class_keys
+    )
+    return f"SELECT shift, {cells} FROM mean_scores GROUP BY shift ORDER BY shift = 'base' DESC, shift"
 
 
 def _query(db: Path, sql: str) -> int:
@@ -149,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     r.add_argument("--shifts", help="comma-separated shift keys (default: from the config)")
     r.add_argument("--num-samples", type=int, help="images per class and shift")
+    r.add_argument("--log-level", default="WARNING", help="Dagster console log level (default: WARNING)")
     r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",

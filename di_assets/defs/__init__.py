@@ -20,6 +20,12 @@ from .resources import (
 from .scores_db import scores_db
 
 
+observe_class_images = dg.define_asset_job(
+    "observe_class_images", selection=dg.AssetSelection.keys("class_images"),
+    description="Observe the class folders: records each folder's content hash as its data version.",
+)
+
+
 def build_resources(settings: Settings) -> dict:
     storage = StorageResource(root=settings.storage, dataset=settings.dataset)
     return {
@@ -45,6 +51,7 @@ def build_defs(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.load()
     return dg.Definitions(
         assets=build_assets(settings),
+        jobs=[observe_class_images],
         sensors=[class_folders_sensor],
         resources=build_resources(settings),
         # In-process: models load once per run and stay loaded for every partition of it.

@@ -26,6 +26,11 @@ from .io import atomic_dir
 
 log = logging.getLogger("di_assets")
 
+# Loading bars per shard are noise in a pipeline's logs; our own progress lines say more.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
 TINY_CLIP_NAME = "di-tiny-clip"
 TINY_VERSION = "tiny-v1"  # bump when the tiny architecture changes, so caches rebuild
 TINY_SEED = 0
@@ -206,12 +211,15 @@ def _is_local(path: str) -> bool:
     return Path(path).exists()
 
 
-@functools.lru_cache(maxsize=4)
 def load_diffusion_components(spec: ModelSpec):
-    """UNet, VAE and noise-scheduler config of a diffusion model, loaded once per process."""
+    """UNet and VAE of a diffusion model (frozen), loaded once per process."""
+    return _load_diffusion_components(spec.resolved())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_diffusion_components(spec: ModelSpec):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    spec = spec.resolved()
     dtype = torch_dtype(spec.dtype)
     kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
     log.info("loading diffusion model %s on %s (%s)", spec.diffusion, spec.device, spec.dtype)
@@ -222,15 +230,18 @@ def load_diffusion_components(spec: ModelSpec):
     return unet, vae
 
 
-@functools.lru_cache(maxsize=4)
 def load_base_text_encoder(spec: ModelSpec):
     """The base model's tokenizer and text encoder (float32, frozen), loaded once per process.
 
     Shared: callers that add tokens or resize must work on a copy (`copy.deepcopy`).
     """
+    return _load_base_text_encoder(spec.resolved())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_base_text_encoder(spec: ModelSpec):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    spec = spec.resolved()
     kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
     tokenizer = CLIPTokenizer.from_pretrained(spec.diffusion, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(spec.diffusion, subfolder="text_encoder", **kw)
@@ -253,12 +264,15 @@ def load_scheduler(spec: ModelSpec, name: str = "ddpm"):
     return getattr(diffusers, classes[name]).from_pretrained(spec.diffusion, subfolder="scheduler", **kw)
 
 
-@functools.lru_cache(maxsize=2)
 def load_clip(spec: ModelSpec):
     """The open_clip scorer, its image transform and its tokenizer, loaded once per process."""
+    return _load_clip(spec.resolved())
+
+
+@functools.lru_cache(maxsize=2)
+def _load_clip(spec: ModelSpec):
     import open_clip
 
-    spec = spec.resolved()
     register_tiny_clip()
     log.info("loading CLIP %s (%s) on %s", spec.clip_model, spec.clip_pretrained, spec.device)
     model, _, preprocess = open_clip.create_model_and_transforms(

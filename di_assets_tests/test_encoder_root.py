@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from di_assets.ml.encoder_root import class_tokens, create_token_dictionary, resolve_class
+from di_assets.ml.imagenet_star import import_imagenet_star
+from di_assets.ml.models import load_base_text_encoder
+
+
+class Payload:
+    """Stands for a pickle that would run code on load."""
+
+
+def _load(root):
+    return CLIPTokenizer.from_pretrained(root / "tokenizer"), CLIPTextModel.from_pretrained(root / "text_encoder")
+
+
+def test_thousand_tokens_with_a_single_resize(tiny, tmp_path, monkeypatch):
+    resizes = []
+    original = CLIPTextModel.resize_token_embeddings
+
+    def counting(self, *a, **k):
+        resizes.append(a)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(CLIPTextModel, "resize_token_embeddings", counting)
+    n = 1000
+    g = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(32, generator=g) for _ in range(n)]
+    tokens = [f"<class-{i}>" for i in range(n)]
+    names = [f"class {i}" for i in range(n)]
+    root = create_token_dictionary(embeds, tokens, names, tmp_path / "root", model=tiny)
+    assert len(resizes) == 1
+
+    base_tok, base_enc = load_base_text_encoder(tiny)
+    tok, enc = _load(root)
+    assert len(tok) == len(base_tok) + n
+    meta = json.loads((root / "tokens.json").read_text())
+    assert [c["index"] for c in meta["classes"]] == list(range(n))
+    weight = enc.get_input_embeddings().weight
+    for i in (0, 499, 999):
+        tid = tok.convert_tokens_to_ids(tokens[i])
+        assert meta["classes"][i]["token_ids"] == [tid]
+        assert torch.allclose(weight[tid], embeds[i])
+    # Only the new rows differ from the base model.
+    assert torch.equal(weight[: len(base_tok)], base_enc.get_input_embeddings().weight)
+    # The new tokens tokenize as one id each inside a prompt.
+    ids = tok("a photo of a <class-7> in the grass").input_ids
+    assert tok.convert_tokens_to_ids("<class-7>") in ids
+
+
+def test_classes_resolve_by_index_key_and_name(tiny, tmp_path):
+    root = create_token_dictionary([torch.zeros(32), torch.ones(2, 32)], ["<a>", "<b>"], ["hot dog", "cat"],
+                                   tmp_path / "r", model=tiny)
+    assert resolve_class(root, 0).key == "hot_dog"
+    assert resolve_class(root, "hot dog").index == 0
+    b = resolve_class(root, "cat")
+    assert b.prompt_text == "<b> <b>_1" and len(b.token_ids) == 2
+    assert [c.index for c in class_tokens(root)] == [0, 1]
+    with pytest.raises(IndexError, match="2 classes"):
+        resolve_class(root, 5)
+    with pytest.raises(KeyError, match="no class"):
+        resolve_class(root, "zebra")
+
+
+@pytest.mark.parametrize("tokens, match", [(["<a>", "<a>"], "unique"), (["<a>", "photo"], "already exists")])
+def test_bad_tokens_are_refused_and_nothing_is_written(tiny, tmp_path, tokens, match):
+    with pytest.raises(ValueError, match=match):
+        create_token_dictionary([torch.zeros(32)] * 2, tokens, ["x", "y"], tmp_path / "r", model=tiny)
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrong_dimension_is_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="dimension 1024"):
+        create_token_dictionary([torch.zeros(1024)], ["<a>"], ["x"], tmp_path / "r", model=tiny)
+
+
+def test_import_imagenet_star_tokens(tiny, tmp_path):
+    src = tmp_path / "tokens"
+    src.mkdir()
+    g = torch.Generator().manual_seed(1)
+    e0, e1, e2 = (torch.randn(32, generator=g) for _ in range(3))
+    torch.save(e0, src / "0.bin")  # a bare tensor
+    torch.save({"<goldfish>": e1.unsqueeze(0)}, src / "1.bin")  # diffusers learned_embeds.bin
+    torch.save({"placeholder": ("<shark>", e2)}, src / "2.bin")  # the paper's checkpoint layout
+    names = tmp_path / "names.txt"
+    names.write_text("tench\ngoldfish\ngreat white shark\n")
+
+    from di_assets.cli import main
+
+    assert main(["import-imagenet-star", str(src), str(tmp_path / "root"), "--class-names", str(names),
+                 "--family", "tiny"]) == 0
+    root = tmp_path / "root"
+    classes = class_tokens(root)
+    assert [(c.index, c.key, c.token) for c in classes] == [
+        (0, "tench-0", "<tench-0>"), (1, "goldfish-1", "<goldfish>"), (2, "great_white_shark-2", "<shark>")]
+    _, enc = _load(root)
+    w = enc.get_input_embeddings().weight
+    for c, e in zip(classes, (e0, e1, e2)):
+        assert torch.allclose(w[c.token_ids[0]], e)
+
+
+def test_import_refuses_pickled_code_and_gaps(tiny, tmp_path):
+    src = tmp_path / "tokens"
+    src.mkdir()
+    torch.save(torch.zeros(32), src / "0.bin")
+    torch.save(torch.zeros(32), src / "2.bin")
+    with pytest.raises(ValueError, match=r"lacks \[1\]"):
+        import_imagenet_star(src, tmp_path / "r", model=tiny)
+    torch.save({"<x>": Payload()}, src / "1.bin")  # an arbitrary object: refused under weights_only
+    with pytest.raises(ValueError, match="1.bin is not a readable token file"):
+        import_imagenet_star(src, tmp_path / "r", model=tiny)
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,124 @@
+"""End to end: the whole graph for 2 classes x 2 shifts, in a temporary Dagster instance."""
+
+import json
+
+import dagster as dg
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from di_assets.defs import CLASSES, build_assets, build_defs, build_resources
+from di_assets.defs.class_images import class_folders_sensor
+from di_assets.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+SHIFTS = ["base", "in_the_snow"]
+N = 3
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    from di_assets_tests.conftest import copy_classes
+
+    tmp = tmp_path_factory.mktemp("flow")
+    data = copy_classes(tmp / "data")
+    (data / "square").rename(data / "hot dog, frank")  # an odd class name on purpose
+    settings = Settings.load(
+        dataset=str(data), storage=str(tmp / "store"),
+        shifts=SHIFTS, textual_inversion={"steps": 10}, generation={"num_samples": N},
+    )
+    assets, resources = build_assets(settings), build_resources(settings)
+    (tmp / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp / "dagster_home")) as instance:
+        # The sensor finds the class folders and adds their partitions.
+        ctx = dg.build_sensor_context(instance=instance, resources={"storage": resources["storage"]})
+        result = class_folders_sensor(ctx)
+        (request,) = result.dynamic_partitions_requests
+        assert sorted(request.partition_keys) == ["circle", "hot_dog_frank"]
+        instance.add_dynamic_partitions(CLASSES.name, list(request.partition_keys))
+
+        runs = []
+        run = lambda sel, key=None: runs.append(  # noqa: E731
+            dg.materialize(assets, selection=sel, partition_key=key, instance=instance, resources=resources))
+        for c in request.partition_keys:
+            run(["class_token"], c)
+        run(["encoder_root"])
+        for c in request.partition_keys:
+            for s in SHIFTS:
+                run(["counterfactuals", "clip_scores"], dg.MultiPartitionKey({"class": c, "shift": s}))
+        run(["scores_db"])
+        observed = build_defs(settings).resolve_job_def("observe_class_images").execute_in_process(instance=instance)
+        yield settings, runs, observed, instance
+
+
+def test_every_run_succeeded_and_checks_passed(flow):
+    _, runs, _, _ = flow
+    assert all(r.success for r in runs)
+    evaluations = [e for r in runs for e in r.get_asset_check_evaluations()]
+    assert len(evaluations) == 2 + 4 + 4  # tokens, counterfactual partitions, score partitions
+    assert all(e.passed for e in evaluations)
+
+
+def test_files_on_disk(flow):
+    settings, _, _, _ = flow
+    from pathlib import Path
+
+    store = Path(settings.storage)
+    assert sorted(p.parent.name for p in store.glob("tokens/*/learned_embeds.safetensors")) == ["circle", "hot_dog_frank"]
+    meta = json.loads((store / "encoder_root" / "tokens.json").read_text())
+    assert [(c["index"], c["key"], c["name"]) for c in meta["classes"]] == [
+        (0, "circle", "circle"), (1, "hot_dog_frank", "hot dog, frank")]
+    pngs = sorted(store.glob("images/*/*/*.png"))
+    assert len(pngs) == 2 * 2 * N
+    manifest = json.loads((store / "images" / "circle" / "in_the_snow" / "manifest.json").read_text())
+    assert [r["text"] for r in manifest["images"]] == ["a photo of a <circle> in the snow"] * N
+    assert sorted(p.relative_to(store / "scores").as_posix() for p in store.glob("scores/*/*/part.parquet")) == [
+        f"class={c}/shift={s}/part.parquet" for c in ("circle", "hot_dog_frank") for s in ("base", "in_the_snow")]
+    assert not list(store.rglob(".*tmp-*"))  # no leftovers of atomic writes
+
+
+def test_parquet_rows(flow):
+    settings, _, _, _ = flow
+    t = pq.read_table(f"{settings.storage}/scores/class=hot_dog_frank/shift=in_the_snow/part.parquet").to_pylist()
+    assert len(t) == N
+    assert {r["class_name"] for r in t} == {"hot dog, frank"} and {r["shift"] for r in t} == {"in_the_snow"}
+    assert [r["seed"] for r in t] == list(range(N))
+    assert all(-1 <= r["sim_class"] <= 1 and -1 <= r["sim_shift"] <= 1 and r["kept"] for r in t)
+    assert t[0]["clip_model"].startswith("di-tiny-clip/") and t[0]["created_at"] is not None
+
+
+def test_duckdb_views(flow):
+    settings, _, _, _ = flow
+    con = duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True)
+    rows = con.execute("SELECT class, shift, count(*), avg(sim_class) FROM scores GROUP BY ALL ORDER BY ALL").fetchall()
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (c, s, N) for c in ("circle", "hot_dog_frank") for s in ("base", "in_the_snow")]
+    means = con.execute("SELECT class_key, shift, images, mean_sim_class FROM mean_scores ORDER BY ALL").fetchall()
+    direct = {(r[0], r[1]): r[3] for r in rows}
+    for key, shift, images, mean in means:
+        assert images == N and mean == pytest.approx(direct[(key, shift)], abs=1e-6)
+
+
+def test_metadata_for_the_ui(flow):
+    _, runs, _, instance = flow
+    cf = instance.get_latest_materialization_event(dg.AssetKey("counterfactuals")).asset_materialization
+    assert cf.metadata["thumbnails"].value.count("data:image/png;base64,") == N
+    assert cf.metadata["num_images"].value == N
+    tok = instance.get_latest_materialization_event(dg.AssetKey("class_token")).asset_materialization
+    assert "data:image/png;base64," in tok.metadata["loss_curve"].value
+    assert tok.metadata["steps"].value == 10
+    sc = instance.get_latest_materialization_event(dg.AssetKey("clip_scores")).asset_materialization
+    assert sc.metadata["dagster/row_count"].value == N
+    assert -1 <= sc.metadata["mean_sim_class"].value <= 1
+
+
+def test_class_images_data_versions(flow):
+    settings, _, observed, instance = flow
+    assert observed.success
+    from di_assets.ml.io import hash_folder
+
+    record = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("class_images")), limit=10)
+    versions = {r.partition_key: r.asset_observation.tags.get("dagster/data_version") for r in record.records}
+    assert versions["circle"] == hash_folder(f"{settings.dataset}/circle")
+    assert versions["hot_dog_frank"] != versions["circle"]
