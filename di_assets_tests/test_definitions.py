@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,20 @@ def test_settings_file_selects_shifts_and_rejects_unknown_keys(tmp_path):
     cfg.write_text("datasets: x\n")
     with pytest.raises(ValueError, match="unknown settings"):
         Settings.load(str(cfg))
+
+
+@pytest.mark.parametrize("cmd, expected", [
+    (["dagster", "definitions", "validate", "-w", "workspace.yaml"], "Validation successful for code location di_assets"),
+    (["dg", "list", "defs"], "class_folders_sensor"),
+])
+def test_dagster_dev_and_dg_load_the_code_location(cmd, expected, tmp_path):
+    # The same loaders that `dagster dev` (workspace.yaml) and `dg dev` (pyproject.toml) use.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    exe = Path(sys.executable).parent / cmd[0]
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
+    out = subprocess.run([str(exe), *cmd[1:]], cwd=root, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert expected in out.stdout + out.stderr

@@ -1,0 +1,56 @@
+"""The `di-assets` command, run as a user runs it: in a subprocess, with a temporary DAGSTER_HOME."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from di_assets_tests.conftest import copy_classes
+
+
+def di(*args, env=None, check=True):
+    p = subprocess.run([sys.executable, "-m", "di_assets.cli", *args], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    if check and p.returncode:
+        raise AssertionError(p.stdout + p.stderr)
+    return p
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["query"], ["import-imagenet-star"]])
+def test_every_command_has_help(cmd):
+    out = di(*cmd, "--help").stdout
+    assert out.startswith("usage: di-assets") and "--help" in out
+
+
+@pytest.mark.slow
+def test_run_then_query(tmp_path):
+    data = copy_classes(tmp_path / "data", per_class=4)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("dataset: data\nstorage: store\nshifts: [base, at_night]\n"
+                   "textual_inversion: {steps: 4}\ngeneration: {num_samples: 2}\n")
+    env = {"DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    out = di("run", "--config", str(cfg), env=env).stdout
+    assert "2 classes (circle, square)" in out and "(4/4)" in out
+    assert str(tmp_path / "store") in out
+    table = out.split("mean CLIP similarity per shift and class")[1].splitlines()
+    assert table[1].split() == ["shift", "circle", "square"]
+    assert table[3].startswith("base") and table[4].startswith("at_night")
+
+    q = di("query", "--config", str(cfg),
+           "SELECT class_key, count(*) AS n FROM scores GROUP BY class_key ORDER BY class_key").stdout
+    assert [line.split() for line in q.splitlines()[2:]] == [["circle", "4"], ["square", "4"]]
+    bad = di("query", "--config", str(cfg), "SELECT nope FROM scores", check=False)
+    assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+    assert data.exists()
+
+
+def test_query_before_any_run_says_what_to_do(tmp_path):
+    p = di("query", "--storage", str(tmp_path), "SELECT 1", check=False)
+    assert p.returncode != 0 and "run `di-assets run`" in p.stderr
+
+
+def test_missing_config_file_is_one_clear_line(tmp_path):
+    p = di("run", "--config", str(tmp_path / "nope.yaml"), check=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
