@@ -92,9 +92,10 @@ def test_latents_are_encoded_once(dataset, tiny, monkeypatch):
 
 
 def test_empty_folder_is_an_error_that_names_it(tmp_path, tiny):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
-        run_textual_inversion(tmp_path / "empty", "<e>", "empty", model=tiny, steps=1)
+    (tmp_path / "goldfish").mkdir()
+    (tmp_path / "goldfish" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / 'goldfish'} has no readable images"):
+        run_textual_inversion(tmp_path / "goldfish", "<e>", "goldfish", model=tiny, steps=1)
 
 
 def test_corrupt_files_are_skipped_with_a_warning(dataset, tiny, caplog):

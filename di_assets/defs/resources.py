@@ -70,7 +70,7 @@ class TextualInversionParams(dg.Config):
     learning_rate: Optional[float] = None
     batch_size: Optional[int] = None
     gradient_accumulation: Optional[int] = None
-    resolution: Optional[int] = Field(default=None, description="None: sd 768, tiny 64")
+    resolution: Optional[int] = Field(default=None, description="None: the model's native size (SD2 768, SD1 512)")
     num_vectors: Optional[int] = None
     seed: Optional[int] = None
     pin_norm: Optional[bool] = Field(default=None, description="Keep the initialiser's norm (default true)")

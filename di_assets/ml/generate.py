@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .encoder_root import ClassToken, load_encoder_root, read_tokens, resolve_class
-from .models import ModelSpec, load_diffusion_components, load_scheduler, torch_dtype
+from .models import ModelSpec, load_diffusion_components, load_scheduler, native_resolution, torch_dtype
 from .shifts import TOKEN, check_prompt
 
 log = logging.getLogger("di_assets")
@@ -98,7 +98,7 @@ def generate_samples(
     spec = model_spec_for(encoder_root, model).resolved()
     cfg = config or GenerationConfig.for_family(spec.family)
     pipe = get_pipeline(encoder_root, spec, cfg.scheduler)
-    size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = cfg.resolution or native_resolution(pipe.unet, pipe.vae)
     jobs = [(p, t, s) for p, t in zip(prompts, texts) for s in seeds]
     gen_device = "cpu" if spec.device == "mps" else spec.device
     out: list[Sample] = []

@@ -230,6 +230,11 @@ def _load_diffusion_components(spec: ModelSpec):
     return unet, vae
 
 
+def native_resolution(unet, vae) -> int:
+    """The image size a model was trained at: latent size times the VAE's downsampling."""
+    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def load_base_text_encoder(spec: ModelSpec):
     """The base model's tokenizer and text encoder (float32, frozen), loaded once per process.
 

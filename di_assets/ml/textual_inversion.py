@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_path, hash_folder, load_class_images, write_json
-from .models import ModelSpec, load_base_text_encoder, load_diffusion_components, load_scheduler, torch_dtype
+from .models import ModelSpec, load_base_text_encoder, load_diffusion_components, load_scheduler, native_resolution
 from .templates import IMAGENET_TEMPLATES_SMALL
 
 log = logging.getLogger("di_assets")
@@ -37,7 +37,7 @@ class TextualInversionConfig:
     learning_rate: float = 5e-4
     batch_size: int = 1
     gradient_accumulation: int = 1
-    resolution: int = 768
+    resolution: int | None = None  # None: the model's native size (SD2 768, SD1 512, tiny 64)
     num_vectors: int = 1
     seed: int = 0
     pin_norm: bool = True
@@ -47,14 +47,12 @@ class TextualInversionConfig:
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "TextualInversionConfig":
-        base = cls() if family == "sd" else cls(
-            steps=60, learning_rate=5e-2, batch_size=4, resolution=64, checkpoint_every=20,
-        )
+        base = cls() if family == "sd" else cls(steps=60, learning_rate=5e-2, batch_size=4, checkpoint_every=20)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "gradient_accumulation", "resolution", "num_vectors", "checkpoint_every"):
-            if getattr(self, f) < 1:
+            if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"textual inversion {f} must be >= 1, got {getattr(self, f)}")
 
 
@@ -216,7 +214,8 @@ def run_textual_inversion(
     ).input_ids.to(device)
 
     # VAE latents of every image and its mirror image, computed once.
-    pixels = _preprocess(images, cfg.resolution)
+    resolution = cfg.resolution or native_resolution(unet, vae)
+    pixels = _preprocess(images, resolution)
     if cfg.flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
     lat_mean, lat_std = encode_latents(vae, pixels)
