@@ -23,7 +23,7 @@ import torch
 from .classes import class_key
 from .io import atomic_dir
 from .models import ModelSpec, load_base_text_encoder
-from .textual_inversion import TextualInversionResult, check_new_token, placeholder_tokens
+from .textual_inversion import TextualInversionResult, check_new_tokens, placeholder_tokens
 
 log = logging.getLogger("di_assets")
 
@@ -86,8 +86,7 @@ def create_token_dictionary(
     repeated = {t for t in all_names if all_names.count(t) > 1}
     if repeated:
         raise ValueError(f"tokens must be unique; repeated: {sorted(repeated)}")
-    for t in all_names:
-        check_new_token(tokenizer, t)
+    check_new_tokens(tokenizer, all_names)
 
     first = len(tokenizer)
     tokenizer.add_tokens(all_names)

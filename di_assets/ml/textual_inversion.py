@@ -80,12 +80,14 @@ def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
-def check_new_token(tokenizer, token: str) -> None:
-    vocab = tokenizer.get_vocab()
-    if token in vocab or f"{token}</w>" in vocab:
-        raise ValueError(f"token {token!r} already exists in the tokenizer's vocabulary; choose another token")
-    if not token.strip() or any(ch.isspace() for ch in token):
-        raise ValueError(f"token {token!r} must be one word without spaces, e.g. '<dog-1>'")
+def check_new_tokens(tokenizer, tokens: list[str]) -> None:
+    """Refuse tokens that the vocabulary already has, or that are not one word."""
+    vocab = tokenizer.get_vocab()  # built once: it is a 49k-entry dict
+    for token in tokens:
+        if token in vocab or f"{token}</w>" in vocab:
+            raise ValueError(f"token {token!r} already exists in the tokenizer's vocabulary; choose another token")
+        if not token.strip() or any(ch.isspace() for ch in token):
+            raise ValueError(f"token {token!r} must be one word without spaces, e.g. '<dog-1>'")
 
 
 def initial_embedding(tokenizer, text_encoder, class_name: str) -> torch.Tensor:
@@ -193,8 +195,7 @@ def run_textual_inversion(
 
     tokenizer = copy.deepcopy(base_tokenizer)
     names = placeholder_tokens(token, cfg.num_vectors)
-    for name in names:
-        check_new_token(tokenizer, name)
+    check_new_tokens(tokenizer, names)
     first_id = len(tokenizer)
     tokenizer.add_tokens(names)
     if tokenizer.convert_tokens_to_ids(names[0]) != first_id:
