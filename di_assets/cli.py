@@ -38,7 +38,8 @@ def _instance(storage: Path):
     return dg.DagsterInstance.local_temp(tempdir=str(home))
 
 
-def _print_table(columns, rows, out=sys.stdout):
+def _print_table(columns, rows, out=None):
+    out = out or sys.stdout
     cells = [[("%.4f" % v) if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)

@@ -35,6 +35,8 @@ class Settings:
     textual_inversion: dict = field(default_factory=dict)  # TextualInversionConfig overrides
     generation: dict = field(default_factory=dict)  # num_samples, seed + GenerationConfig overrides
     scoring: dict = field(default_factory=dict)  # min_sim_class, min_sim_shift
+    observe_cron: str = "0 * * * *"  # when the schedule observes the dataset folder (hourly)
+    removed_classes: str = "trash"  # a removed class's files: "trash" (storage/trash/) or "delete"
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "Settings":

@@ -59,7 +59,7 @@ def test_classes_resolve_by_index_key_and_name(tiny, tmp_path):
     b = resolve_class(root, "cat")
     assert b.prompt_text == "<b> <b>_1" and len(b.token_ids) == 2
     assert [c.index for c in class_tokens(root)] == [0, 1]
-    with pytest.raises(IndexError, match="2 classes"):
+    with pytest.raises(IndexError, match="has 2 classes"):
         resolve_class(root, 5)
     with pytest.raises(KeyError, match="no class"):
         resolve_class(root, "zebra")
@@ -113,3 +113,30 @@ def test_import_refuses_pickled_code_and_gaps(tiny, tmp_path):
     with pytest.raises(ValueError, match="1.bin is not a readable token file"):
         import_imagenet_star(src, tmp_path / "r", model=tiny)
     assert not (tmp_path / "r").exists()
+
+
+def test_incremental_update_keeps_indices_and_other_rows(tiny, tmp_path):
+    from di_assets.ml.encoder_root import update_token_dictionary
+
+    g = torch.Generator().manual_seed(2)
+    a, b, c, b2, d = (torch.randn(32, generator=g) for _ in range(5))
+    root = tmp_path / "root"
+    update_token_dictionary(root, [a, b, c], ["<a>", "<b>", "<c>"], ["a", "b", "c"], class_keys=["a", "b", "c"],
+                            model=tiny)
+    tok0, enc0 = _load(root)
+    w0 = enc0.get_input_embeddings().weight.detach().clone()
+    # b changed, d is new, c left: one resize, b's row replaced, d appended, a untouched.
+    update_token_dictionary(root, [a, b2, d], ["<a>", "<b>", "<d>"], ["a", "b", "d"], class_keys=["a", "b", "d"],
+                            model=tiny)
+    tok1, enc1 = _load(root)
+    w1 = enc1.get_input_embeddings().weight
+    assert len(tok1) == len(tok0) + 1 and w1.shape[0] == w0.shape[0] + 1
+    by_key = {ct.key: ct for ct in class_tokens(root)}
+    assert {k: ct.index for k, ct in by_key.items()} == {"a": 0, "b": 1, "d": 3}  # c's index is not reused
+    assert torch.allclose(w1[by_key["b"].token_ids[0]], b2)
+    assert torch.allclose(w1[by_key["d"].token_ids[0]], d)
+    changed = (w1[: w0.shape[0]] != w0).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [by_key["b"].token_ids[0]]  # only b's row moved
+    assert resolve_class(root, 3).key == "d"
+    with pytest.raises(IndexError, match="no class with index 2"):
+        resolve_class(root, 2)

@@ -1,4 +1,4 @@
-"""The Dagster layer: assets (one file per stage), partitions, resources and the sensor."""
+"""The Dagster layer: assets (one file per stage), partitions, resources, sensor and schedule."""
 
 from __future__ import annotations
 
@@ -8,26 +8,21 @@ from dagster_duckdb import DuckDBResource
 from di_assets.ml.shifts import select_shifts
 from di_assets.settings import Settings
 
-from .class_images import class_folders_sensor, class_images
-from .class_token import class_token
+from .class_images import build_observe_schedule, class_folders_sensor, class_images, observe_class_images
+from .class_token import build_class_token
 from .clip_scores import build_clip_scores
 from .counterfactuals import build_counterfactuals
-from .encoder_root import encoder_root
+from .encoder_root import build_encoder_root
 from .partitions import CLASSES, class_shift_partitions
 from .resources import (
     GenerationParams, InterfaceParams, ModelResource, ScoringParams, StorageResource, TextualInversionParams,
 )
 from .scores_db import scores_db
-
-
-observe_class_images = dg.define_asset_job(
-    "observe_class_images", selection=dg.AssetSelection.keys("class_images"),
-    description="Observe the class folders: records each folder's content hash as its data version.",
-)
+from .versions import code_versions
 
 
 def build_resources(settings: Settings) -> dict:
-    storage = StorageResource(root=settings.storage, dataset=settings.dataset)
+    storage = StorageResource(root=settings.storage, dataset=settings.dataset, removed_classes=settings.removed_classes)
     return {
         "storage": storage,
         "models": ModelResource(**settings.models),
@@ -43,8 +38,15 @@ def build_resources(settings: Settings) -> dict:
 def build_assets(settings: Settings) -> list:
     shifts = select_shifts(settings.shifts)
     grid = class_shift_partitions([s.key for s in shifts])
-    return [class_images, class_token, encoder_root, build_counterfactuals(shifts, grid),
-            build_clip_scores(shifts, grid), scores_db]
+    versions = code_versions(settings, shifts)
+    return [
+        class_images,
+        build_class_token(versions["class_token"]),
+        build_encoder_root(versions["encoder_root"]),
+        build_counterfactuals(shifts, grid, versions["counterfactuals"]),
+        build_clip_scores(shifts, grid, versions["clip_scores"]),
+        scores_db,
+    ]
 
 
 def build_defs(settings: Settings | None = None) -> dg.Definitions:
@@ -52,6 +54,7 @@ def build_defs(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=build_assets(settings),
         jobs=[observe_class_images],
+        schedules=[build_observe_schedule(settings.observe_cron)],
         sensors=[class_folders_sensor],
         resources=build_resources(settings),
         # In-process: models load once per run and stay loaded for every partition of it.

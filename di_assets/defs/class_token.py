@@ -12,52 +12,69 @@ from .resources import InterfaceParams, ModelResource, StorageResource
 TOKEN_CHECK = "token_is_finite_with_sane_norm"
 
 
-@dg.asset(
-    partitions_def=CLASSES,
-    deps=[class_images],
-    group_name="interface",
-    code_version="textual-inversion-v1",
-    pool="gpu",
-    kinds={"pytorch", "safetensors"},
-    check_specs=[dg.AssetCheckSpec(TOKEN_CHECK, asset="class_token",
-                                   description="The learned vector is finite and its norm within 10x the initialiser's")],
-    description="One learned token per class (textual inversion): tokens/<class>/learned_embeds.safetensors",
-)
-def class_token(
-    context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
-) -> dg.MaterializeResult:
-    from di_assets.ml.textual_inversion import run_textual_inversion
-
-    folder = storage.class_folder(context.partition_key)
-    spec = models.spec()
-    cfg = params.ti_config(spec.family)
-    every = max(1, cfg.steps // 10)
-
-    def progress(step, total, loss):
-        if step % every == 0 or step == total:
-            context.log.info(f"{folder.token}: step {step}/{total}, loss {loss:.4f}")
-
-    result = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
-                                   output_dir=storage.token_dir(folder.key), progress=progress)
-    norm = float(result.embeds.norm(dim=-1).max())
-    finite = bool(result.embeds.isfinite().all())
-    sane = finite and 0 < norm <= 10 * result.init_norm
-    tail = result.losses[-max(1, len(result.losses) // 10):]
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(result.embeds_path)),
-            "token": folder.token,
-            "class_name": folder.name,
-            "final_loss": sum(tail) / len(tail) if tail else float("nan"),
-            "initial_eval_loss": result.initial_eval_loss,
-            "final_eval_loss": result.final_eval_loss,
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from,
-            "loss_curve": dg.MetadataValue.md(loss_curve_markdown(result.losses)),
-            "norm": norm,
-        },
-        check_results=[dg.AssetCheckResult(
-            check_name=TOKEN_CHECK, passed=sane,
-            metadata={"norm": norm if math.isfinite(norm) else -1.0, "init_norm": result.init_norm, "finite": finite},
-        )],
+def build_class_token(code_version: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        partitions_def=CLASSES,
+        deps=[class_images],
+        group_name="interface",
+        code_version=code_version,
+        pool="gpu",
+        kinds={"pytorch", "safetensors"},
+        # Reruns when its class folder's data version changes, or when a class is added.
+        automation_condition=dg.AutomationCondition.eager(),
+        # A backfill of many classes is one run: the models load once for all of them.
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        check_specs=[dg.AssetCheckSpec(TOKEN_CHECK, asset="class_token",
+                                       description="Every learned vector is finite, its norm within 10x the initialiser's")],
+        description="One learned token per class (textual inversion): tokens/<class>/learned_embeds.safetensors",
     )
+    def class_token(
+        context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
+    ) -> dg.MaterializeResult:
+        from di_assets.ml.textual_inversion import run_textual_inversion
+
+        spec = models.spec()
+        cfg = params.ti_config(spec.family)
+        every = max(1, cfg.steps // 10)
+        rows, curves, sane = [], {}, True
+        for key in context.partition_keys:
+            folder = storage.class_folder(key)
+
+            def progress(step, total, loss, token=folder.token):
+                if step % every == 0 or step == total:
+                    context.log.info(f"{token}: step {step}/{total}, loss {loss:.4f}")
+
+            r = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
+                                      output_dir=storage.token_dir(key), progress=progress)
+            norm = float(r.embeds.norm(dim=-1).max())
+            ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 10 * r.init_norm
+            sane &= ok
+            tail = r.losses[-max(1, len(r.losses) // 10):]
+            rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
+                         "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})
+            curves[folder.token] = r.losses
+        metadata = {
+            "classes": len(rows),
+            "final_loss": rows[0]["final_loss"] if len(rows) == 1 else sum(r["final_loss"] for r in rows) / len(rows),
+            "steps": cfg.steps,
+            "tokens": dg.MetadataValue.md(_table(rows)),
+            "loss_curve": dg.MetadataValue.md("\n\n".join(f"**{t}**\n\n{loss_curve_markdown(c)}" for t, c in curves.items())),
+        }
+        if len(rows) == 1:
+            metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_keys[0]) / "learned_embeds.safetensors"))
+        return dg.MaterializeResult(
+            metadata=metadata,
+            check_results=[dg.AssetCheckResult(
+                check_name=TOKEN_CHECK, passed=sane,
+                metadata={"max_norm": max(r["norm"] if math.isfinite(r["norm"]) else -1.0 for r in rows)},
+            )],
+        )
+
+    return class_token
+
+
+def _table(rows) -> str:
+    lines = ["| class | token | final loss | eval loss before → after | norm |", "|---|---|---|---|---|"]
+    lines += [f"| {r['class']} | `{r['token']}` | {r['final_loss']:.4f} | {r['eval_before']:.4f} → {r['eval_after']:.4f} "
+              f"| {r['norm']:.3f} |" for r in rows]
+    return "\n".join(lines)

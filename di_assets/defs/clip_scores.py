@@ -5,7 +5,7 @@ import dagster as dg
 from di_assets.ml.shifts import Shift
 
 from .counterfactuals import MANIFEST
-from .partitions import class_and_shift
+from .partitions import class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
@@ -15,16 +15,22 @@ def class_caption(name: str) -> str:
     return f"a photo of a {name}"
 
 
-def build_clip_scores(shifts: list[Shift], partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) -> dg.AssetsDefinition:
     by_key = {s.key: s for s in shifts}
 
     @dg.asset(
         partitions_def=partitions_def,
         deps=[dg.AssetKey("counterfactuals")],
         group_name="metrics",
-        code_version="clip-metric-v1",
+        code_version=code_version,
         pool="gpu",
         kinds={"pytorch", "parquet"},
+        automation_condition=dg.AutomationCondition.eager(),
+        backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec(RANGE_CHECK, asset="clip_scores",
                                        description="Every similarity lies in [-1, 1], with no NaN")],
         description="Scores in Hive layout: scores/class=<c>/shift=<s>/part.parquet",
@@ -37,57 +43,63 @@ def build_clip_scores(shifts: list[Shift], partitions_def: dg.MultiPartitionsDef
 
         import pyarrow as pa
         import pyarrow.parquet as pq
+        import torch
         from PIL import Image
 
         from di_assets.ml.clip_metric import get_scorer
         from di_assets.ml.io import atomic_path
 
-        key, shift_key = class_and_shift(context)
-        shift = by_key[shift_key]
-        folder = storage.images_dir(key, shift_key)
-        manifest = json.loads((folder / MANIFEST).read_text())
-        name = storage.class_folder(key).name
-        images = []
-        for rec in manifest["images"]:
-            with Image.open(folder / rec["file"]) as im:
-                images.append(im.convert("RGB"))
         scorer = get_scorer(models.spec())
-        sims = scorer.similarity(images, [class_caption(name), shift.caption])
-        sim_class, sim_shift = sims[:, 0].tolist(), sims[:, 1].tolist()
         sp = params.scoring
-        kept = [c >= sp.min_sim_class and s >= sp.min_sim_shift for c, s in zip(sim_class, sim_shift)]
-        n = len(images)
-        table = pa.table({
-            "class_key": [key] * n,
-            "class_name": [name] * n,
-            "shift": [shift_key] * n,
-            "seed": pa.array([r["seed"] for r in manifest["images"]], pa.int64()),
-            "image_path": [str(folder / r["file"]) for r in manifest["images"]],
-            "sim_class": pa.array(sim_class, pa.float32()),
-            "sim_shift": pa.array(sim_shift, pa.float32()),
-            "kept": kept,
-            "diffusion_model": [manifest["model"]] * n,
-            "clip_model": [scorer.model_id] * n,
-            "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
-        })
-        with atomic_path(storage.scores_file(key, shift_key)) as tmp:
-            pq.write_table(table, tmp)
-        finite = bool(sims.isfinite().all())
-        in_range = finite and bool(((sims >= -1) & (sims <= 1)).all())
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        stats, all_sims = [], []
+        for key, shift_key in class_and_shift_keys(context):
+            shift = by_key[shift_key]
+            folder = storage.images_dir(key, shift_key)
+            manifest = json.loads((folder / MANIFEST).read_text())
+            name = storage.class_folder(key).name
+            images = []
+            for rec in manifest["images"]:
+                with Image.open(folder / rec["file"]) as im:
+                    images.append(im.convert("RGB"))
+            sims = scorer.similarity(images, [class_caption(name), shift.caption])
+            all_sims.append(sims)
+            sim_class, sim_shift = sims[:, 0].tolist(), sims[:, 1].tolist()
+            kept = [c >= sp.min_sim_class and s >= sp.min_sim_shift for c, s in zip(sim_class, sim_shift)]
+            n = len(images)
+            table = pa.table({
+                "class_key": [key] * n,
+                "class_name": [name] * n,
+                "shift": [shift_key] * n,
+                "seed": pa.array([r["seed"] for r in manifest["images"]], pa.int64()),
+                "image_path": [str(folder / r["file"]) for r in manifest["images"]],
+                "sim_class": pa.array(sim_class, pa.float32()),
+                "sim_shift": pa.array(sim_shift, pa.float32()),
+                "kept": kept,
+                "diffusion_model": [manifest["model"]] * n,
+                "clip_model": [scorer.model_id] * n,
+                "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+            })
+            with atomic_path(storage.scores_file(key, shift_key)) as tmp:
+                pq.write_table(table, tmp)
+            stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift), sum(kept)))
+        sims = torch.cat(all_sims)
+        in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
+        metadata = {
+            "dagster/row_count": sum(s[2] for s in stats),
+            "mean_sim_class": _mean([s[3] for s in stats]),
+            "mean_sim_shift": _mean([s[4] for s in stats]),
+            "kept": sum(s[5] for s in stats),
+            "partitions": dg.MetadataValue.md(
+                "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
+                    f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
+        }
+        if len(stats) == 1:
+            metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2])))
+            metadata["shift_caption"] = by_key[stats[0][1]].caption
         return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(storage.scores_file(key, shift_key))),
-                "dagster/row_count": n,
-                "mean_sim_class": mean(sim_class),
-                "mean_sim_shift": mean(sim_shift),
-                "kept": sum(kept),
-                "class_caption": class_caption(name),
-                "shift_caption": shift.caption,
-            },
+            metadata=metadata,
             check_results=[dg.AssetCheckResult(check_name=RANGE_CHECK, passed=in_range,
-                                               metadata={"min": float(sims.min()) if n else 0.0,
-                                                         "max": float(sims.max()) if n else 0.0})],
+                                               metadata={"min": float(sims.min()), "max": float(sims.max())})],
         )
 
     return clip_scores

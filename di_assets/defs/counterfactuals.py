@@ -4,27 +4,43 @@ import dagster as dg
 
 from di_assets.ml.shifts import Shift
 
-from .encoder_root import encoder_root
 from .metadata import image_grid_markdown
-from .partitions import class_and_shift
+from .partitions import BY_CLASS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
 MANIFEST = "manifest.json"
+ENCODER_ROOT = dg.AssetKey("encoder_root")
 
 
-def build_counterfactuals(shifts: list[Shift], partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
+def after_class_change() -> dg.AutomationCondition:
+    """Rerun a class's partitions when that class's token changes, once the encoder root has it.
+
+    The encoder root is rebuilt whenever any class changes; that alone must not rerun every
+    class, so it is ignored as a trigger, but waited for while it is requested or running.
+    """
+    root_busy = dg.AutomationCondition.any_deps_match(
+        dg.AutomationCondition.will_be_requested() | dg.AutomationCondition.in_progress()
+    ).allow(dg.AssetSelection.keys(ENCODER_ROOT))
+    return (dg.AutomationCondition.eager().ignore(dg.AssetSelection.keys(ENCODER_ROOT)) & ~root_busy).with_label(
+        "eager, after the encoder root")
+
+
+def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str) -> dg.AssetsDefinition:
     by_key = {s.key: s for s in shifts}
 
     @dg.asset(
         partitions_def=partitions_def,
-        deps=[encoder_root],
+        ins={"class_token": dg.AssetIn(partition_mapping=BY_CLASS, dagster_type=dg.Nothing)},
+        deps=[ENCODER_ROOT],
         group_name="counterfactuals",
-        code_version="generation-v1",
+        code_version=code_version,
         pool="gpu",
         kinds={"pytorch", "png"},
+        automation_condition=after_class_change(),
+        backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec(COUNT_CHECK, asset="counterfactuals",
-                                       description="The partition holds as many images as were asked for")],
+                                       description="Every partition holds as many images as were asked for")],
         description="Generated images: images/<class>/<shift>/<seed>.png and a manifest.json",
     )
     def counterfactuals(
@@ -32,40 +48,51 @@ def build_counterfactuals(shifts: list[Shift], partitions_def: dg.MultiPartition
     ) -> dg.MaterializeResult:
         import json
 
+        from di_assets.ml.encoder_root import embeds_digest, resolve_class
         from di_assets.ml.generate import generate_samples
         from di_assets.ml.io import atomic_dir
+        from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
-        key, shift_key = class_and_shift(context)
-        shift = by_key[shift_key]
         spec = models.spec()
         cfg = params.generation_config(spec.family)
         n, seed = params.generation.num_samples, params.generation.seed
-        samples = generate_samples(
-            storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n), model=spec, config=cfg,
-            progress=lambda done, total: context.log.info(f"{key} / {shift_key}: {done}/{total} images"),
-        )
-        out = storage.images_dir(key, shift_key)
-        with atomic_dir(out) as tmp:
-            records = []
-            for s in samples:
-                s.image.save(tmp / f"{s.seed}.png")
-                records.append({"seed": s.seed, "file": f"{s.seed}.png", "prompt": s.prompt, "text": s.text})
-            (tmp / MANIFEST).write_text(json.dumps({
-                "class": key, "shift": shift_key, "prompt": shift.prompt, "caption": shift.caption,
-                "model": spec.resolved().diffusion, "settings": cfg.__dict__, "images": records,
-            }, indent=2) + "\n")
-        written = len(list(out.glob("*.png")))
+        pairs = class_and_shift_keys(context)
+        for key in dict.fromkeys(k for k, _ in pairs):
+            # Never generate from a root that predates this class's current token.
+            _, learned = load_learned_embeds(storage.token_dir(key) / EMBEDS_FILE)
+            if resolve_class(storage.encoder_root, key).embeds_sha != embeds_digest(learned):
+                raise dg.Failure(f"the encoder root holds an older token for class {key!r}; "
+                                 "materialize encoder_root, then rerun this partition")
+        grid, labels, counts = [], [], []
+        for i, (key, shift_key) in enumerate(pairs, 1):
+            shift = by_key[shift_key]
+            samples = generate_samples(storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n),
+                                       model=spec, config=cfg)
+            out = storage.images_dir(key, shift_key)
+            with atomic_dir(out) as tmp:
+                for s in samples:
+                    s.image.save(tmp / f"{s.seed}.png")
+                (tmp / MANIFEST).write_text(json.dumps({
+                    "class": key, "shift": shift_key, "prompt": shift.prompt, "caption": shift.caption,
+                    "model": spec.resolved().diffusion, "settings": cfg.__dict__,
+                    "images": [{"seed": s.seed, "file": f"{s.seed}.png", "prompt": s.prompt, "text": s.text}
+                               for s in samples],
+                }, indent=2) + "\n")
+            counts.append(len(list(out.glob("*.png"))))
+            if len(grid) < 24:  # a preview, not the whole backfill
+                grid.append([s.image for s in samples[:6]])
+                labels.append(f"{key} / {shift_key}")
+            context.log.info(f"{key} / {shift_key}: {n} images ({i}/{len(pairs)} partitions)")
         return dg.MaterializeResult(
             metadata={
-                "path": dg.MetadataValue.path(str(out)),
-                "prompt": shift.prompt,
-                "num_images": written,
-                "thumbnails": dg.MetadataValue.md(
-                    image_grid_markdown([s.image for s in samples[:8]], [f"seed {s.seed}" for s in samples[:8]])
-                ),
+                "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0]) if len(pairs) == 1 else storage.root)),
+                "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
+                "num_images": sum(counts),
+                "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
             },
-            check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=written == n,
-                                               metadata={"expected": n, "found": written})],
+            check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=all(c == n for c in counts),
+                                               metadata={"expected_per_partition": n, "partitions": len(counts),
+                                                         "short_partitions": sum(c != n for c in counts)})],
         )
 
     return counterfactuals

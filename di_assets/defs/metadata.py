@@ -12,16 +12,17 @@ def _data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def image_grid_markdown(images, captions=None, size: int = 96) -> str:
-    """A row of thumbnails as a Markdown table (renders in the asset's metadata panel)."""
-    thumbs = []
-    for im in images:
+def image_grid_markdown(rows, row_labels, col_labels, size: int = 96) -> str:
+    """A grid of thumbnails (for counterfactuals: one row per shift, one column per sample)."""
+    def thumb(im):
         im = im.copy()
         im.thumbnail((size, size))
-        thumbs.append(f"![]({_data_uri(im)})")
-    captions = captions or [""] * len(thumbs)
-    head = "| " + " | ".join(str(c) for c in captions) + " |"
-    return "\n".join([head, "|" + "---|" * len(thumbs), "| " + " | ".join(thumbs) + " |"])
+        return f"![]({_data_uri(im)})"
+
+    width = max(len(r) for r in rows)
+    lines = ["| | " + " | ".join(col_labels[:width]) + " |", "|---|" + "---|" * width]
+    lines += [f"| **{label}** | " + " | ".join(thumb(im) for im in r) + " |" for label, r in zip(row_labels, rows)]
+    return "\n".join(lines)
 
 
 def loss_curve_markdown(losses: list[float], width: int = 320, height: int = 120) -> str:

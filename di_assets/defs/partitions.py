@@ -10,6 +10,15 @@ def class_shift_partitions(shift_keys: list[str]) -> dg.MultiPartitionsDefinitio
     return dg.MultiPartitionsDefinition({"class": CLASSES, "shift": dg.StaticPartitionsDefinition(shift_keys)})
 
 
-def class_and_shift(context: dg.AssetExecutionContext) -> tuple[str, str]:
-    keys = context.partition_key.keys_by_dimension
-    return keys["class"], keys["shift"]
+# A class × shift partition depends on its class's partition only.
+BY_CLASS = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="class")
+
+
+def class_and_shift_keys(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
+    """(class, shift) of every partition in this run: one key, or a range (single-run backfill)."""
+    out = []
+    for key in context.partition_keys:
+        dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else dict(
+            zip(("class", "shift"), str(key).split("|")))
+        out.append((dims["class"], dims["shift"]))
+    return out

@@ -4,6 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from .resources import StorageResource
+from .versions import SCORES_DB_CODE
 
 VIEWS = {
     # One row per image; `class` and `shift` also come from the Hive folder names.
@@ -25,8 +26,9 @@ def summary_markdown(rows) -> str:
 @dg.asset(
     deps=[dg.AssetKey("clip_scores")],
     group_name="metrics",
-    code_version="scores-db-v1",
+    code_version=SCORES_DB_CODE,
     kinds={"duckdb"},
+    automation_condition=dg.AutomationCondition.eager(),
     description="DuckDB views `scores` and `mean_scores` over scores/class=*/shift=*/part.parquet",
 )
 def scores_db(context: dg.AssetExecutionContext, storage: StorageResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
