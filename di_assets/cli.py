@@ -51,46 +51,51 @@ def _print_table(columns, rows, out=None):
 def cmd_run(args) -> int:
     import dagster as dg
 
-    from di_assets.defs import CLASSES, build_assets, build_resources
-    from di_assets.ml.classes import discover_classes
+    from di_assets.defs import CLASSES, build_defs
+    from di_assets.defs.class_images import class_folders_sensor
     from di_assets.ml.shifts import select_shifts
 
     settings = _settings(args)
     storage = Path(settings.storage)
-    classes = discover_classes(settings.dataset)
-    if not classes:
-        raise SystemExit(f"error: no class folders in {settings.dataset}")
     shifts = [s.key for s in select_shifts(settings.shifts)]
+    defs = build_defs(settings)
     instance = _instance(storage)
-    known = set(instance.get_dynamic_partitions(CLASSES.name))
-    new = [c.key for c in classes if c.key not in known]
-    if new:
-        instance.add_dynamic_partitions(CLASSES.name, new)
-    assets, resources = build_assets(settings), build_resources(settings)
-    print(f"dataset  {settings.dataset}: {len(classes)} classes ({', '.join(c.key for c in classes)})")
-    print(f"shifts   {len(shifts)}: {', '.join(shifts)}")
-    print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
+    job = defs.resolve_implicit_global_asset_job_def()
+    # Dagster's own event log stays in the instance (and the UI); the console shows our progress lines.
+    log_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
     t0 = time.time()
 
-    # Dagster's own event log stays in the instance (and the UI); the console shows progress lines.
-    quiet = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
-
-    def step(label, selection, partition_key=None):
+    def step(label, selection, **kw):
         t = time.time()
-        dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance,
-                       resources=resources, run_config=quiet)
+        job.execute_in_process(instance=instance, run_config=log_config,
+                               asset_selection=[dg.AssetKey(s) for s in selection], **kw)
         print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
 
-    for i, c in enumerate(classes, 1):
-        step(f"class_token {c.key} ({i}/{len(classes)})", ["class_token"], c.key)
+    def over(first, last):  # one run over a range of partitions: models load once for all of them
+        return {"tags": {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}}
+
+    # The same sensor as in `dagster dev`: add new class folders, retire removed ones.
+    sync = class_folders_sensor(dg.build_sensor_context(instance=instance, resources={"storage": defs.resources["storage"]}))
+    for event in sync.asset_events:
+        instance.report_runless_asset_event(event)
+    for req in sync.dynamic_partitions_requests:
+        if isinstance(req, dg.AddDynamicPartitionsRequest):
+            instance.add_dynamic_partitions(CLASSES.name, list(req.partition_keys))
+        else:
+            for key in req.partition_keys:
+                instance.delete_dynamic_partition(CLASSES.name, key)
+    classes = instance.get_dynamic_partitions(CLASSES.name)
+    if not classes:
+        raise SystemExit(f"error: no class folders in {settings.dataset}")
+    print(f"dataset  {settings.dataset}: {len(classes)} classes ({', '.join(classes)})")
+    print(f"shifts   {len(shifts)}: {', '.join(shifts)}")
+    print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
+
+    defs.resolve_job_def("observe_class_images").execute_in_process(instance=instance, run_config=log_config)
+    step(f"class_token: {len(classes)} classes", ["class_token"], **over(classes[0], classes[-1]))
     step("encoder_root", ["encoder_root"])
-    total = len(classes) * len(shifts)
-    done = 0
-    for c in classes:
-        for s in shifts:
-            done += 1
-            key = dg.MultiPartitionKey({"class": c.key, "shift": s})
-            step(f"counterfactuals + clip_scores {c.key}|{s} ({done}/{total})", ["counterfactuals", "clip_scores"], key)
+    step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
+         ["counterfactuals", "clip_scores"], **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
     step("scores_db", ["scores_db"])
     print(f"\ndone in {time.time() - t0:.1f}s. Results under {storage}:")
     print(f"  tokens        {storage / 'tokens'}/<class>/learned_embeds.safetensors")
@@ -99,15 +104,16 @@ def cmd_run(args) -> int:
     print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
     print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores)\n")
     print("mean CLIP similarity per shift and class (sim_class / sim_shift):")
-    return _query(storage / "scores.duckdb", _pivot_sql([c.key for c in classes]))
+    return _query(storage / "scores.duckdb", _pivot_sql(classes, shifts))
 
 
-def _pivot_sql(class_keys: list[str]) -> str:
+def _pivot_sql(class_keys: list[str], shift_keys: list[str]) -> str:
     cells = ", ".join(
         f"printf('%.3f / %.3f', max(mean_sim_class) FILTER (class_key = '{k}'), "
         f"max(mean_sim_shift) FILTER (class_key = '{k}')) AS \"{k}\"" for k in class_keys
     )
-    return f"SELECT shift, {cells} FROM mean_scores GROUP BY shift ORDER BY shift = 'base' DESC, shift"
+    order = ", ".join(f"'{s}'" for s in shift_keys)  # keys are partition-safe: no quotes in them
+    return f"SELECT shift, {cells} FROM mean_scores GROUP BY shift ORDER BY list_position([{order}], shift)"
 
 
 def _query(db: Path, sql: str) -> int:
@@ -164,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     r.add_argument("--shifts", help="comma-separated shift keys (default: from the config)")
     r.add_argument("--num-samples", type=int, help="images per class and shift")
-    r.add_argument("--log-level", default="WARNING", help="Dagster console log level (default: WARNING)")
+    r.add_argument("--log-level", default="INFO", help="console log level of the runs (default: INFO, progress lines)")
     r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",

@@ -31,8 +31,10 @@ def test_run_then_query(tmp_path):
                    "textual_inversion: {steps: 4}\ngeneration: {num_samples: 2}\n")
     env = {"DAGSTER_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
-    out = di("run", "--config", str(cfg), env=env).stdout
-    assert "2 classes (circle, square)" in out and "(4/4)" in out
+    run = di("run", "--config", str(cfg), env=env)
+    out = run.stdout
+    assert "2 classes (circle, square)" in out and "counterfactuals + clip_scores: 2 classes x 2 shifts" in out
+    assert "<square>: step 4/4" in run.stderr  # progress lines of the run, in Dagster's log
     assert str(tmp_path / "store") in out
     table = out.split("mean CLIP similarity per shift and class")[1].splitlines()
     assert table[1].split() == ["shift", "circle", "square"]
