@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
     import dagster as dg
 
     from di_assets.defs import CLASSES, build_defs
-    from di_assets.defs.class_images import class_folders_sensor
+    from di_assets.defs.driver import LocalDriver
     from di_assets.ml.shifts import select_shifts
 
     settings = _settings(args)
@@ -74,16 +74,8 @@ def cmd_run(args) -> int:
     def over(first, last):  # one run over a range of partitions: models load once for all of them
         return {"tags": {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}}
 
-    # The same sensor as in `dagster dev`: add new class folders, retire removed ones.
-    sync = class_folders_sensor(dg.build_sensor_context(instance=instance, resources={"storage": defs.resources["storage"]}))
-    for event in sync.asset_events:
-        instance.report_runless_asset_event(event)
-    for req in sync.dynamic_partitions_requests:
-        if isinstance(req, dg.AddDynamicPartitionsRequest):
-            instance.add_dynamic_partitions(CLASSES.name, list(req.partition_keys))
-        else:
-            for key in req.partition_keys:
-                instance.delete_dynamic_partition(CLASSES.name, key)
+    driver = LocalDriver(defs, instance, log_config)
+    driver.sensor()  # the same sensor as in `dagster dev`: add new class folders, retire removed ones
     classes = instance.get_dynamic_partitions(CLASSES.name)
     if not classes:
         raise SystemExit(f"error: no class folders in {settings.dataset}")
@@ -91,7 +83,7 @@ def cmd_run(args) -> int:
     print(f"shifts   {len(shifts)}: {', '.join(shifts)}")
     print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
 
-    defs.resolve_job_def("observe_class_images").execute_in_process(instance=instance, run_config=log_config)
+    driver.observe()
     step(f"class_token: {len(classes)} classes", ["class_token"], **over(classes[0], classes[-1]))
     step("encoder_root", ["encoder_root"])
     step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
@@ -114,6 +106,42 @@ def _pivot_sql(class_keys: list[str], shift_keys: list[str]) -> str:
     )
     order = ", ".join(f"'{s}'" for s in shift_keys)  # keys are partition-safe: no quotes in them
     return f"SELECT shift, {cells} FROM mean_scores GROUP BY shift ORDER BY list_position([{order}], shift)"
+
+
+def cmd_update(args) -> int:
+    """Rerun only what changed since the last update: new, changed and removed classes."""
+    from dagster_shared.serdes import deserialize_value, serialize_value
+
+    from di_assets.defs import build_defs
+    from di_assets.defs.driver import ORDER, LocalDriver
+
+    settings = _settings(args)
+    storage = Path(settings.storage)
+    driver = LocalDriver(build_defs(settings), _instance(storage),
+                         {"loggers": {"console": {"config": {"log_level": args.log_level}}}})
+    cursor_file = storage / ".automation_cursor"
+    if cursor_file.exists():
+        driver.cursor = deserialize_value(cursor_file.read_text())
+    else:
+        driver.tick()  # the first update only starts watching; what exists now counts as handled
+    t0 = time.time()
+    sync = driver.sensor()
+    for req in sync.dynamic_partitions_requests:
+        print(f"classes {'added' if 'Add' in type(req).__name__ else 'removed'}: {', '.join(req.partition_keys)}")
+    driver.observe()
+    done = driver.settle()
+    from di_assets.ml.io import atomic_path
+
+    with atomic_path(cursor_file) as tmp:
+        tmp.write_text(serialize_value(driver.cursor))
+    if not done:
+        print("everything is up to date")
+    for name in ORDER:
+        if name in done:
+            keys = sorted(k for k in done[name] if k is not None)
+            print(f"  {name}: {', '.join(keys) if keys else 'rebuilt'}")
+    print(f"{driver.runs} runs in {time.time() - t0:.1f}s")
+    return 0
 
 
 def _query(db: Path, sql: str) -> int:
@@ -172,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-samples", type=int, help="images per class and shift")
     r.add_argument("--log-level", default="INFO", help="console log level of the runs (default: INFO, progress lines)")
     r.set_defaults(func=cmd_run)
+
+    u = sub.add_parser("update", help="rerun only what changed in the dataset",
+                       description="Add new classes, retire removed ones, and rerun the tokens, images and scores "
+                                   "of changed classes only (what the Dagster daemon does with the sensor, the "
+                                   "schedule and declarative automation turned on).")
+    common(u)
+    u.add_argument("--dataset", help="class-image folder (ImageFolder layout)")
+    u.add_argument("--log-level", default="WARNING", help="console log level of the runs (default: WARNING)")
+    u.set_defaults(func=cmd_update)
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",
                        description="Run SQL over the DuckDB views `scores` (one row per image) and `mean_scores`.")

@@ -45,7 +45,12 @@ def test_run_then_query(tmp_path):
     assert [line.split() for line in q.splitlines()[2:]] == [["circle", "4"], ["square", "4"]]
     bad = di("query", "--config", str(cfg), "SELECT nope FROM scores", check=False)
     assert bad.returncode != 0 and "nope" in bad.stderr and "Traceback" not in bad.stderr
-    assert data.exists()
+
+    assert "everything is up to date" in di("update", "--config", str(cfg), env=env).stdout
+    (data / "circle" / next(iter(sorted((data / "circle").iterdir()))).name).unlink()  # circle changes
+    up = di("update", "--config", str(cfg), env=env).stdout
+    assert "  class_token: circle\n" in up and "  counterfactuals: circle|at_night, circle|base\n" in up
+    assert "square" not in up
 
 
 def test_query_before_any_run_says_what_to_do(tmp_path):

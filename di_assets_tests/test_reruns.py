@@ -15,87 +15,22 @@ import dagster as dg
 import pytest
 
 from di_assets.defs import CLASSES, build_assets, build_defs
-from di_assets.defs.class_images import class_folders_sensor
+from di_assets.defs.driver import LocalDriver
 from di_assets.settings import Settings
 from di_assets_tests.conftest import EXAMPLE, copy_classes
 
 pytestmark = pytest.mark.slow
 
 SHIFTS = ["base", "at_night"]
-ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db"]
 
 
-class World:
+class World(LocalDriver):
     def __init__(self, tmp: Path, instance):
         self.data = copy_classes(tmp / "data", classes=("circle", "square", "triangle"), per_class=4)
         self.settings = Settings.load(dataset=str(self.data), storage=str(tmp / "store"), shifts=SHIFTS,
                                       textual_inversion={"steps": 4}, generation={"num_samples": 2})
-        self.defs = build_defs(self.settings)
-        self.instance = instance
-        self.cursor = None
+        super().__init__(build_defs(self.settings), instance)
         self.store = Path(self.settings.storage)
-
-    def sensor(self):
-        ctx = dg.build_sensor_context(instance=self.instance, resources={"storage": self.defs.resources["storage"]})
-        result = class_folders_sensor(ctx)
-        for event in result.asset_events:  # the daemon's order: events, then partitions, then runs
-            self.instance.report_runless_asset_event(event)
-        for req in result.dynamic_partitions_requests:
-            if isinstance(req, dg.AddDynamicPartitionsRequest):
-                self.instance.add_dynamic_partitions(CLASSES.name, list(req.partition_keys))
-            else:
-                for key in req.partition_keys:
-                    self.instance.delete_dynamic_partition(CLASSES.name, key)
-        for run in result.run_requests:
-            self.materialize([k.to_user_string() for k in run.asset_selection])
-        return result
-
-    def observe(self):
-        self.defs.resolve_job_def("observe_class_images").execute_in_process(instance=self.instance)
-
-    def materialize(self, selection, partition_key=None, tags=None):
-        job = self.defs.resolve_implicit_global_asset_job_def()
-        res = job.execute_in_process(instance=self.instance, partition_key=partition_key, tags=tags,
-                                     asset_selection=[dg.AssetKey(s) for s in selection])
-        assert res.success
-        return res
-
-    def tick(self) -> dict[str, set]:
-        result = dg.evaluate_automation_conditions(defs=self.defs, instance=self.instance, cursor=self.cursor)
-        self.cursor = result.cursor
-        return {name: result.get_requested_partitions(dg.AssetKey(name)) for name in ORDER
-                if result.get_num_requested(dg.AssetKey(name))}
-
-    def execute(self, requested: dict[str, set]):
-        for name in ORDER:
-            keys = requested.get(name)
-            if not keys:
-                continue
-            if keys == {None}:
-                self.materialize([name])
-            elif len(keys) == 1:
-                self.materialize([name], partition_key=next(iter(keys)))
-            else:  # several partitions: one run over the range, as a single-run backfill does
-                ordered = sorted(keys, key=self._position(name))
-                self.materialize([name], tags={"dagster/asset_partition_range_start": str(ordered[0]),
-                                               "dagster/asset_partition_range_end": str(ordered[-1])})
-
-    def _position(self, name):
-        keys = [str(k) for k in self.defs.resolve_assets_def(name).partitions_def.get_partition_keys(
-            dynamic_partitions_store=self.instance)]
-        return lambda k: keys.index(str(k))
-
-    def settle(self, max_ticks=8) -> dict[str, set]:
-        """Tick and execute until automation requests nothing more; return all it requested."""
-        seen: dict[str, set] = {}
-        for _ in range(max_ticks):
-            req = self.tick()
-            if not req:
-                return seen
-            self.execute(req)
-            for k, v in req.items():
-                seen.setdefault(k, set()).update(str(x) if x is not None else None for x in v)
-        raise AssertionError(f"automation still requesting after {max_ticks} ticks: {seen}")
 
     def digest(self, key: str) -> str:
         h = hashlib.sha256()

@@ -65,7 +65,9 @@ def class_folders_sensor(context: dg.SensorEvaluationContext, storage: StorageRe
             where = storage.retire_class(key)
             context.log.info(f"class {key} removed; its files {'moved to ' + str(where) if where else 'deleted'}")
         requests.append(CLASSES.build_delete_request(gone))
-        # Drop the classes from the encoder root; the DuckDB views read the remaining files.
+    if gone and not new:
+        # Drop the classes from the encoder root. (With new classes too, automation rebuilds the
+        # root once their tokens exist.) The DuckDB views read only the files that remain.
         runs.append(dg.RunRequest(run_key=f"remove-{'-'.join(gone)}-{context.cursor or ''}"[:250],
                                   asset_selection=[dg.AssetKey("encoder_root"), dg.AssetKey("scores_db")]))
     return dg.SensorResult(dynamic_partitions_requests=requests, run_requests=runs, asset_events=events, cursor=cursor)

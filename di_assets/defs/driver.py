@@ -1,0 +1,103 @@
+"""Drive the sensor, the observation job and declarative automation in this process.
+
+This is what the Dagster daemon does for `dagster dev`, one step at a time: `di-assets update`
+uses it to rerun only what changed, and the tests and benchmarks use it to watch exactly
+which partitions automation requests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import dagster as dg
+
+from .class_images import class_folders_sensor
+from .partitions import CLASSES
+
+ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db"]
+
+
+class LocalDriver:
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, run_config: dict | None = None):
+        self.defs, self.instance, self.run_config = defs, instance, run_config
+        self.job = defs.resolve_implicit_global_asset_job_def()
+        self.cursor = None
+        self.runs = 0
+        # The evaluator logs every asset at DEBUG on its own handler; keep the console for results.
+        logging.getLogger("dagster.automation_condition_tester").setLevel(logging.WARNING)
+
+    def sensor(self) -> dg.SensorResult:
+        """Evaluate class_folders_sensor and apply what it returns, in the daemon's order."""
+        ctx = dg.build_sensor_context(instance=self.instance, resources={"storage": self.defs.resources["storage"]})
+        result = class_folders_sensor(ctx)
+        for event in result.asset_events:
+            self.instance.report_runless_asset_event(event)
+        for req in result.dynamic_partitions_requests:
+            if isinstance(req, dg.AddDynamicPartitionsRequest):
+                self.instance.add_dynamic_partitions(CLASSES.name, list(req.partition_keys))
+            else:
+                for key in req.partition_keys:
+                    self.instance.delete_dynamic_partition(CLASSES.name, key)
+        for run in result.run_requests:
+            self.materialize([k.to_user_string() for k in run.asset_selection])
+        return result
+
+    def observe(self) -> None:
+        """What the schedule runs: record each class folder's content hash."""
+        self.defs.resolve_job_def("observe_class_images").execute_in_process(
+            instance=self.instance, run_config=self.run_config)
+
+    def materialize(self, selection: list[str], partition_key=None, tags=None):
+        res = self.job.execute_in_process(instance=self.instance, partition_key=partition_key, tags=tags,
+                                          run_config=self.run_config,
+                                          asset_selection=[dg.AssetKey(s) for s in selection])
+        self.runs += 1
+        return res
+
+    def tick(self) -> dict[str, set]:
+        """One evaluation of every asset's automation condition: what it requests now."""
+        result = dg.evaluate_automation_conditions(defs=self.defs, instance=self.instance, cursor=self.cursor)
+        self.cursor = result.cursor
+        return {name: set(result.get_requested_partitions(dg.AssetKey(name))) for name in ORDER
+                if result.get_num_requested(dg.AssetKey(name))}
+
+    def execute(self, requested: dict[str, set]) -> None:
+        """Run what a tick requested, upstream first; many partitions of an asset run as one range."""
+        for name in ORDER:
+            keys = requested.get(name)
+            if not keys:
+                continue
+            if keys == {None}:
+                self.materialize([name])
+                continue
+            for first, last in self._ranges(name, keys):
+                if first == last:
+                    self.materialize([name], partition_key=first)
+                else:
+                    self.materialize([name], tags={"dagster/asset_partition_range_start": first,
+                                                   "dagster/asset_partition_range_end": last})
+
+    def _ranges(self, name: str, keys: set) -> list[tuple[str, str]]:
+        """Split requested keys into runs of consecutive keys (for class x shift: one class's row)."""
+        order = [str(k) for k in self.defs.resolve_assets_def(name).partitions_def.get_partition_keys(
+            dynamic_partitions_store=self.instance)]
+        wanted = sorted((order.index(str(k)) for k in keys))
+        runs, start = [], wanted[0]
+        for prev, cur in zip(wanted, wanted[1:] + [None]):
+            row_break = "|" in order[prev] and cur is not None and order[cur].split("|")[0] != order[prev].split("|")[0]
+            if cur != prev + 1 or row_break:
+                runs.append((order[start], order[prev]))
+                start = cur
+        return runs
+
+    def settle(self, max_ticks: int = 10) -> dict[str, set]:
+        """Tick and execute until automation requests nothing more; return all it requested."""
+        seen: dict[str, set] = {}
+        for _ in range(max_ticks):
+            requested = self.tick()
+            if not requested:
+                return seen
+            self.execute(requested)
+            for k, v in requested.items():
+                seen.setdefault(k, set()).update(str(x) if x is not None else None for x in v)
+        raise RuntimeError(f"automation still requests work after {max_ticks} ticks: {seen}")
