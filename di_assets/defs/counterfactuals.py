@@ -11,19 +11,26 @@ from .resources import InterfaceParams, ModelResource, StorageResource
 COUNT_CHECK = "has_expected_image_count"
 MANIFEST = "manifest.json"
 ENCODER_ROOT = dg.AssetKey("encoder_root")
+CLASS_TOKEN = dg.AssetKey("class_token")
 
 
 def after_class_change() -> dg.AutomationCondition:
-    """Rerun a class's partitions when that class's token changes, once the encoder root has it.
+    """Run a class's partitions when they are missing or its token changed, once the root has it.
 
     The encoder root is rebuilt whenever any class changes; that alone must not rerun every
-    class, so it is ignored as a trigger, but waited for while it is requested or running.
+    class, so only the partition's own class token triggers it. It waits while the token is
+    newer than the encoder root, so the images always come from a root that holds that token.
     """
-    root_busy = dg.AutomationCondition.any_deps_match(
-        dg.AutomationCondition.will_be_requested() | dg.AutomationCondition.in_progress()
-    ).allow(dg.AssetSelection.keys(ENCODER_ROOT))
-    return (dg.AutomationCondition.eager().ignore(dg.AssetSelection.keys(ENCODER_ROOT)) & ~root_busy).with_label(
-        "eager, after the encoder root")
+    AC = dg.AutomationCondition
+    token_updated = AC.any_deps_updated().allow(dg.AssetSelection.keys(CLASS_TOKEN))
+    root_updated = AC.any_deps_updated().allow(dg.AssetSelection.keys(ENCODER_ROOT))
+    return (
+        (AC.newly_missing() | token_updated).since_last_handled()
+        & ~token_updated.since(root_updated)
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("token changed, encoder root caught up")
 
 
 def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str) -> dg.AssetsDefinition:
@@ -31,7 +38,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
 
     @dg.asset(
         partitions_def=partitions_def,
-        ins={"class_token": dg.AssetIn(partition_mapping=BY_CLASS, dagster_type=dg.Nothing)},
+        ins={"class_token": dg.AssetIn(CLASS_TOKEN, partition_mapping=BY_CLASS, dagster_type=dg.Nothing)},
         deps=[ENCODER_ROOT],
         group_name="counterfactuals",
         code_version=code_version,

@@ -62,20 +62,30 @@ class LocalDriver:
                 if result.get_num_requested(dg.AssetKey(name))}
 
     def execute(self, requested: dict[str, set]) -> None:
-        """Run what a tick requested, upstream first; many partitions of an asset run as one range."""
+        """Run what a tick requested, upstream first, as the daemon would: assets requested for the
+        same partitions share a run, and consecutive partitions run as one range."""
+        groups: list[tuple[list[str], set]] = []
         for name in ORDER:
             keys = requested.get(name)
             if not keys:
                 continue
+            if groups and groups[-1][1] == keys and self._same_partitions(groups[-1][0][0], name):
+                groups[-1][0].append(name)
+            else:
+                groups.append(([name], keys))
+        for names, keys in groups:
             if keys == {None}:
-                self.materialize([name])
+                self.materialize(names)
                 continue
-            for first, last in self._ranges(name, keys):
+            for first, last in self._ranges(names[0], keys):
                 if first == last:
-                    self.materialize([name], partition_key=first)
+                    self.materialize(names, partition_key=first)
                 else:
-                    self.materialize([name], tags={"dagster/asset_partition_range_start": first,
-                                                   "dagster/asset_partition_range_end": last})
+                    self.materialize(names, tags={"dagster/asset_partition_range_start": first,
+                                                  "dagster/asset_partition_range_end": last})
+
+    def _same_partitions(self, a: str, b: str) -> bool:
+        return self.defs.resolve_assets_def(a).partitions_def == self.defs.resolve_assets_def(b).partitions_def
 
     def _ranges(self, name: str, keys: set) -> list[tuple[str, str]]:
         """Split requested keys into runs of consecutive keys (for class x shift: one class's row)."""
