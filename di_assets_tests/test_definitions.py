@@ -22,7 +22,9 @@ def test_definitions_load_with_every_stage(tmp_path):
     assert [d.name for d in grid.partitions_defs] == ["class", "shift"]
     assert len(grid.partitions_defs[1].partitions_def.get_partition_keys()) == 24  # base + 23 ImageNet* shifts
     for key in ("class_token", "counterfactuals", "clip_scores"):
-        assert defs.resolve_assets_def(key).node_def.pool == "gpu"
+        node = defs.resolve_assets_def(key).node_def
+        assert node.pool == "gpu"
+        assert "nvidia.com/gpu" in str(node.tags["dagster-k8s/config"])
     for key in keys - {"class_images"}:
         assert defs.resolve_assets_def(key).code_versions_by_key[dg.AssetKey(key)]
 

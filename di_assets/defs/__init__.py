@@ -13,6 +13,7 @@ from .class_token import build_class_token
 from .clip_scores import build_clip_scores
 from .counterfactuals import build_counterfactuals
 from .encoder_root import build_encoder_root
+from .executors import build_executor
 from .partitions import CLASSES, class_shift_partitions
 from .resources import (
     GenerationParams, InterfaceParams, ModelResource, ScoringParams, StorageResource, TextualInversionParams,
@@ -57,8 +58,8 @@ def build_defs(settings: Settings | None = None) -> dg.Definitions:
         schedules=[build_observe_schedule(settings.observe_cron)],
         sensors=[class_folders_sensor],
         resources=build_resources(settings),
-        # In-process: models load once per run and stay loaded for every partition of it.
-        executor=dg.in_process_executor,
+        # In-process by default (models load once per run); $DI_ASSETS_EXECUTOR picks multiprocess or k8s.
+        executor=build_executor(),
     )
 
 

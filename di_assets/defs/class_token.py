@@ -7,6 +7,7 @@ import dagster as dg
 from .class_images import class_images
 from .metadata import loss_curve_markdown
 from .partitions import CLASSES
+from .executors import gpu_tags
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 TOKEN_CHECK = "token_is_finite_with_sane_norm"
@@ -19,6 +20,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         group_name="interface",
         code_version=code_version,
         pool="gpu",
+        op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
         kinds={"pytorch", "safetensors"},
         # Reruns when its class folder's data version changes, or when a class is added.
         automation_condition=dg.AutomationCondition.eager(),
@@ -33,42 +35,43 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         from di_assets.ml.textual_inversion import run_textual_inversion
 
-        spec = models.spec()
-        cfg = params.ti_config(spec.family)
-        every = max(1, cfg.steps // 10)
-        rows, curves, sane = [], {}, True
-        for key in context.partition_keys:
-            folder = storage.class_folder(key)
+        # On a machine with several GPUs, this step holds one of them until it ends.
+        with models.leased_spec() as spec:
+            cfg = params.ti_config(spec.family)
+            every = max(1, cfg.steps // 10)
+            rows, curves, sane = [], {}, True
+            for key in context.partition_keys:
+                folder = storage.class_folder(key)
 
-            def progress(step, total, loss, token=folder.token):
-                if step % every == 0 or step == total:
-                    context.log.info(f"{token}: step {step}/{total}, loss {loss:.4f}")
+                def progress(step, total, loss, token=folder.token):
+                    if step % every == 0 or step == total:
+                        context.log.info(f"{token}: step {step}/{total}, loss {loss:.4f}")
 
-            r = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
-                                      output_dir=storage.token_dir(key), progress=progress)
-            norm = float(r.embeds.norm(dim=-1).max())
-            ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 10 * r.init_norm
-            sane &= ok
-            tail = r.losses[-max(1, len(r.losses) // 10):]
-            rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
-                         "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})
-            curves[folder.token] = r.losses
-        metadata = {
-            "classes": len(rows),
-            "final_loss": rows[0]["final_loss"] if len(rows) == 1 else sum(r["final_loss"] for r in rows) / len(rows),
-            "steps": cfg.steps,
-            "tokens": dg.MetadataValue.md(_table(rows)),
-            "loss_curve": dg.MetadataValue.md("\n\n".join(f"**{t}**\n\n{loss_curve_markdown(c)}" for t, c in curves.items())),
-        }
-        if len(rows) == 1:
-            metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_keys[0]) / "learned_embeds.safetensors"))
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[dg.AssetCheckResult(
-                check_name=TOKEN_CHECK, passed=sane,
-                metadata={"max_norm": max(r["norm"] if math.isfinite(r["norm"]) else -1.0 for r in rows)},
-            )],
-        )
+                r = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
+                                          output_dir=storage.token_dir(key), progress=progress)
+                norm = float(r.embeds.norm(dim=-1).max())
+                ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 10 * r.init_norm
+                sane &= ok
+                tail = r.losses[-max(1, len(r.losses) // 10):]
+                rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
+                             "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})
+                curves[folder.token] = r.losses
+            metadata = {
+                "classes": len(rows),
+                "final_loss": rows[0]["final_loss"] if len(rows) == 1 else sum(r["final_loss"] for r in rows) / len(rows),
+                "steps": cfg.steps,
+                "tokens": dg.MetadataValue.md(_table(rows)),
+                "loss_curve": dg.MetadataValue.md("\n\n".join(f"**{t}**\n\n{loss_curve_markdown(c)}" for t, c in curves.items())),
+            }
+            if len(rows) == 1:
+                metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_keys[0]) / "learned_embeds.safetensors"))
+            return dg.MaterializeResult(
+                metadata=metadata,
+                check_results=[dg.AssetCheckResult(
+                    check_name=TOKEN_CHECK, passed=sane,
+                    metadata={"max_norm": max(r["norm"] if math.isfinite(r["norm"]) else -1.0 for r in rows)},
+                )],
+            )
 
     return class_token
 

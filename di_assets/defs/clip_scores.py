@@ -6,6 +6,7 @@ from di_assets.ml.shifts import Shift
 
 from .counterfactuals import MANIFEST
 from .partitions import class_and_shift_keys
+from .executors import gpu_tags
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
@@ -28,6 +29,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         group_name="metrics",
         code_version=code_version,
         pool="gpu",
+        op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
         kinds={"pytorch", "parquet"},
         automation_condition=dg.AutomationCondition.eager(),
         backfill_policy=dg.BackfillPolicy.single_run(),
@@ -49,57 +51,59 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         from di_assets.ml.clip_metric import get_scorer
         from di_assets.ml.io import atomic_path
 
-        scorer = get_scorer(models.spec())
-        sp = params.scoring
-        stats, all_sims = [], []
-        for key, shift_key in class_and_shift_keys(context):
-            shift = by_key[shift_key]
-            folder = storage.images_dir(key, shift_key)
-            manifest = json.loads((folder / MANIFEST).read_text())
-            name = storage.class_folder(key).name
-            images = []
-            for rec in manifest["images"]:
-                with Image.open(folder / rec["file"]) as im:
-                    images.append(im.convert("RGB"))
-            sims = scorer.similarity(images, [class_caption(name), shift.caption])
-            all_sims.append(sims)
-            sim_class, sim_shift = sims[:, 0].tolist(), sims[:, 1].tolist()
-            kept = [c >= sp.min_sim_class and s >= sp.min_sim_shift for c, s in zip(sim_class, sim_shift)]
-            n = len(images)
-            table = pa.table({
-                "class_key": [key] * n,
-                "class_name": [name] * n,
-                "shift": [shift_key] * n,
-                "seed": pa.array([r["seed"] for r in manifest["images"]], pa.int64()),
-                "image_path": [str(folder / r["file"]) for r in manifest["images"]],
-                "sim_class": pa.array(sim_class, pa.float32()),
-                "sim_shift": pa.array(sim_shift, pa.float32()),
-                "kept": kept,
-                "diffusion_model": [manifest["model"]] * n,
-                "clip_model": [scorer.model_id] * n,
-                "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
-            })
-            with atomic_path(storage.scores_file(key, shift_key)) as tmp:
-                pq.write_table(table, tmp)
-            stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift), sum(kept)))
-        sims = torch.cat(all_sims)
-        in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
-        metadata = {
-            "dagster/row_count": sum(s[2] for s in stats),
-            "mean_sim_class": _mean([s[3] for s in stats]),
-            "mean_sim_shift": _mean([s[4] for s in stats]),
-            "kept": sum(s[5] for s in stats),
-            "partitions": dg.MetadataValue.md(
-                "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
-                    f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
-        }
-        if len(stats) == 1:
-            metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2])))
-            metadata["shift_caption"] = by_key[stats[0][1]].caption
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[dg.AssetCheckResult(check_name=RANGE_CHECK, passed=in_range,
-                                               metadata={"min": float(sims.min()), "max": float(sims.max())})],
-        )
+        # On a machine with several GPUs, this step holds one of them until it ends.
+        with models.leased_spec() as spec:
+            scorer = get_scorer(spec)
+            sp = params.scoring
+            stats, all_sims = [], []
+            for key, shift_key in class_and_shift_keys(context):
+                shift = by_key[shift_key]
+                folder = storage.images_dir(key, shift_key)
+                manifest = json.loads((folder / MANIFEST).read_text())
+                name = storage.class_folder(key).name
+                images = []
+                for rec in manifest["images"]:
+                    with Image.open(folder / rec["file"]) as im:
+                        images.append(im.convert("RGB"))
+                sims = scorer.similarity(images, [class_caption(name), shift.caption])
+                all_sims.append(sims)
+                sim_class, sim_shift = sims[:, 0].tolist(), sims[:, 1].tolist()
+                kept = [c >= sp.min_sim_class and s >= sp.min_sim_shift for c, s in zip(sim_class, sim_shift)]
+                n = len(images)
+                table = pa.table({
+                    "class_key": [key] * n,
+                    "class_name": [name] * n,
+                    "shift": [shift_key] * n,
+                    "seed": pa.array([r["seed"] for r in manifest["images"]], pa.int64()),
+                    "image_path": [str(folder / r["file"]) for r in manifest["images"]],
+                    "sim_class": pa.array(sim_class, pa.float32()),
+                    "sim_shift": pa.array(sim_shift, pa.float32()),
+                    "kept": kept,
+                    "diffusion_model": [manifest["model"]] * n,
+                    "clip_model": [scorer.model_id] * n,
+                    "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+                })
+                with atomic_path(storage.scores_file(key, shift_key)) as tmp:
+                    pq.write_table(table, tmp)
+                stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift), sum(kept)))
+            sims = torch.cat(all_sims)
+            in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
+            metadata = {
+                "dagster/row_count": sum(s[2] for s in stats),
+                "mean_sim_class": _mean([s[3] for s in stats]),
+                "mean_sim_shift": _mean([s[4] for s in stats]),
+                "kept": sum(s[5] for s in stats),
+                "partitions": dg.MetadataValue.md(
+                    "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
+                        f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
+            }
+            if len(stats) == 1:
+                metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2])))
+                metadata["shift_caption"] = by_key[stats[0][1]].caption
+            return dg.MaterializeResult(
+                metadata=metadata,
+                check_results=[dg.AssetCheckResult(check_name=RANGE_CHECK, passed=in_range,
+                                                   metadata={"min": float(sims.min()), "max": float(sims.max())})],
+            )
 
     return clip_scores

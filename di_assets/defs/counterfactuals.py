@@ -6,6 +6,7 @@ from di_assets.ml.shifts import Shift
 
 from .metadata import image_grid_markdown
 from .partitions import BY_CLASS, class_and_shift_keys
+from .executors import gpu_tags
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
@@ -43,6 +44,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         group_name="counterfactuals",
         code_version=code_version,
         pool="gpu",
+        op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
         kinds={"pytorch", "png"},
         automation_condition=after_class_change(),
         backfill_policy=dg.BackfillPolicy.single_run(),
@@ -60,46 +62,47 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         from di_assets.ml.io import atomic_dir
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
-        spec = models.spec()
-        cfg = params.generation_config(spec.family)
-        n, seed = params.generation.num_samples, params.generation.seed
-        pairs = class_and_shift_keys(context)
-        for key in dict.fromkeys(k for k, _ in pairs):
-            # Never generate from a root that predates this class's current token.
-            _, learned = load_learned_embeds(storage.token_dir(key) / EMBEDS_FILE)
-            if resolve_class(storage.encoder_root, key).embeds_sha != embeds_digest(learned):
-                raise dg.Failure(f"the encoder root holds an older token for class {key!r}; "
-                                 "materialize encoder_root, then rerun this partition")
-        grid, labels, counts = [], [], []
-        for i, (key, shift_key) in enumerate(pairs, 1):
-            shift = by_key[shift_key]
-            samples = generate_samples(storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n),
-                                       model=spec, config=cfg)
-            out = storage.images_dir(key, shift_key)
-            with atomic_dir(out) as tmp:
-                for s in samples:
-                    s.image.save(tmp / f"{s.seed}.png")
-                (tmp / MANIFEST).write_text(json.dumps({
-                    "class": key, "shift": shift_key, "prompt": shift.prompt, "caption": shift.caption,
-                    "model": spec.resolved().diffusion, "settings": cfg.__dict__,
-                    "images": [{"seed": s.seed, "file": f"{s.seed}.png", "prompt": s.prompt, "text": s.text}
-                               for s in samples],
-                }, indent=2) + "\n")
-            counts.append(len(list(out.glob("*.png"))))
-            if len(grid) < 24:  # a preview, not the whole backfill
-                grid.append([s.image for s in samples[:6]])
-                labels.append(f"{key} / {shift_key}")
-            context.log.info(f"{key} / {shift_key}: {n} images ({i}/{len(pairs)} partitions)")
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0]) if len(pairs) == 1 else storage.root)),
-                "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
-                "num_images": sum(counts),
-                "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
-            },
-            check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=all(c == n for c in counts),
-                                               metadata={"expected_per_partition": n, "partitions": len(counts),
-                                                         "short_partitions": sum(c != n for c in counts)})],
-        )
+        # On a machine with several GPUs, this step holds one of them until it ends.
+        with models.leased_spec() as spec:
+            cfg = params.generation_config(spec.family)
+            n, seed = params.generation.num_samples, params.generation.seed
+            pairs = class_and_shift_keys(context)
+            for key in dict.fromkeys(k for k, _ in pairs):
+                # Never generate from a root that predates this class's current token.
+                _, learned = load_learned_embeds(storage.token_dir(key) / EMBEDS_FILE)
+                if resolve_class(storage.encoder_root, key).embeds_sha != embeds_digest(learned):
+                    raise dg.Failure(f"the encoder root holds an older token for class {key!r}; "
+                                     "materialize encoder_root, then rerun this partition")
+            grid, labels, counts = [], [], []
+            for i, (key, shift_key) in enumerate(pairs, 1):
+                shift = by_key[shift_key]
+                samples = generate_samples(storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n),
+                                           model=spec, config=cfg)
+                out = storage.images_dir(key, shift_key)
+                with atomic_dir(out) as tmp:
+                    for s in samples:
+                        s.image.save(tmp / f"{s.seed}.png")
+                    (tmp / MANIFEST).write_text(json.dumps({
+                        "class": key, "shift": shift_key, "prompt": shift.prompt, "caption": shift.caption,
+                        "model": spec.resolved().diffusion, "settings": cfg.__dict__,
+                        "images": [{"seed": s.seed, "file": f"{s.seed}.png", "prompt": s.prompt, "text": s.text}
+                                   for s in samples],
+                    }, indent=2) + "\n")
+                counts.append(len(list(out.glob("*.png"))))
+                if len(grid) < 24:  # a preview, not the whole backfill
+                    grid.append([s.image for s in samples[:6]])
+                    labels.append(f"{key} / {shift_key}")
+                context.log.info(f"{key} / {shift_key}: {n} images ({i}/{len(pairs)} partitions)")
+            return dg.MaterializeResult(
+                metadata={
+                    "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0]) if len(pairs) == 1 else storage.root)),
+                    "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
+                    "num_images": sum(counts),
+                    "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
+                },
+                check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=all(c == n for c in counts),
+                                                   metadata={"expected_per_partition": n, "partitions": len(counts),
+                                                             "short_partitions": sum(c != n for c in counts)})],
+            )
 
     return counterfactuals

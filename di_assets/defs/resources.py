@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -14,6 +15,7 @@ class StorageResource(dg.ConfigurableResource):
 
     root: str = Field(description="Storage root: tokens/, encoder_root/, images/, scores/, scores.duckdb")
     dataset: str = Field(description="Class-image folder: one sub-folder of images per class")
+    removed_classes: str = Field(default="trash", description="What happens to a removed class's files: trash or delete")
 
     def classes(self):
         from di_assets.ml.classes import discover_classes
@@ -47,6 +49,29 @@ class StorageResource(dg.ConfigurableResource):
     def scores_db(self) -> Path:
         return Path(self.root) / "scores.duckdb"
 
+    def class_artifacts(self, key: str) -> list[Path]:
+        root = Path(self.root)
+        return [self.token_dir(key), root / "images" / key, root / "scores" / f"class={key}"]
+
+    def retire_class(self, key: str) -> Path | None:
+        """Move a removed class's token, images and scores to trash/ (or delete them); return where."""
+        import shutil
+        import time
+
+        if self.removed_classes not in ("trash", "delete"):
+            raise ValueError(f"removed_classes must be 'trash' or 'delete', not {self.removed_classes!r}")
+        dest = Path(self.root) / "trash" / f"{time.strftime('%Y%m%d-%H%M%S')}-{key}"
+        for path in self.class_artifacts(key):
+            if not path.exists():
+                continue
+            if self.removed_classes == "delete":
+                shutil.rmtree(path)
+            else:
+                target = dest / path.relative_to(self.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), str(target))
+        return dest if self.removed_classes == "trash" else None
+
 
 class ModelResource(dg.ConfigurableResource):
     """Model family, model ids and device. Models load once per process and are reused."""
@@ -57,12 +82,31 @@ class ModelResource(dg.ConfigurableResource):
     clip_pretrained: Optional[str] = Field(default=None, description="open_clip pretrained tag or local checkpoint")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
     dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16")
+    compile: bool = Field(default=False, description="torch.compile the UNet (slow first step, faster after)")
+    channels_last: bool = Field(default=False, description="channels-last memory format for the UNet and VAE")
+    vae_slicing: bool = Field(default=False, description="VAE decodes one image at a time (less memory)")
+    vae_tiling: bool = Field(default=False, description="VAE works in tiles (less memory at high resolution)")
+    devices: Optional[list[str]] = Field(
+        default=None,
+        description="GPUs that concurrent steps lease one each when device is auto (e.g. [cuda:0, cuda:1]); "
+                    "default $DI_ASSETS_DEVICES, else every visible CUDA device",
+    )
 
     def spec(self):
         from di_assets.ml.models import ModelSpec
 
         return ModelSpec(family=self.family, diffusion=self.diffusion, clip_model=self.clip_model,
-                         clip_pretrained=self.clip_pretrained, device=self.device, dtype=self.dtype)
+                         clip_pretrained=self.clip_pretrained, device=self.device, dtype=self.dtype,
+                         compile=self.compile, channels_last=self.channels_last, vae_slicing=self.vae_slicing,
+                         vae_tiling=self.vae_tiling)
+
+    @contextmanager
+    def leased_spec(self, timeout: Optional[float] = None) -> Iterator:
+        """The spec on a GPU that this step holds alone until the block ends (see ml.devices)."""
+        from di_assets.ml.devices import leased_spec
+
+        with leased_spec(self.spec(), self.devices, timeout=timeout) as spec:
+            yield spec
 
 
 class TextualInversionParams(dg.Config):

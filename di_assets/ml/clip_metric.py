@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .models import ModelSpec, load_clip
+from .models import ModelSpec, load_clip, torch_dtype
 
 
 class ClipScorer:
@@ -16,6 +16,7 @@ class ClipScorer:
         self.spec = (model or ModelSpec()).resolved()
         self.model, self.preprocess, self.tokenizer = load_clip(self.spec)
         self.batch_size = batch_size
+        self._dtype = torch_dtype(self.spec.dtype)  # the model's weights are in this dtype (bf16/fp16 on GPU)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @property
@@ -36,7 +37,7 @@ class ClipScorer:
         feats = []
         for start in range(0, len(images), self.batch_size):
             x = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
-            f = self.model.encode_image(x.to(self.spec.device)).float()
+            f = self.model.encode_image(x.to(self.spec.device, self._dtype)).float()
             feats.append((f / f.norm(dim=-1, keepdim=True)).cpu())
         return torch.cat(feats) if feats else torch.empty(0, 0)
 

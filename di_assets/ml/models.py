@@ -35,6 +35,7 @@ TINY_CLIP_NAME = "di-tiny-clip"
 TINY_VERSION = "tiny-v1"  # bump when the tiny architecture changes, so caches rebuild
 TINY_SEED = 0
 FAMILIES = ("tiny", "sd")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,17 @@ class ModelSpec:
     clip_pretrained: str | None = None  # open_clip pretrained tag or local checkpoint
     device: str = "auto"
     dtype: str = "auto"
+    # Speed and memory flags for the diffusion UNet/VAE; none changes the results beyond float noise.
+    compile: bool = False  # torch.compile the UNet (slow first step, faster after)
+    channels_last: bool = False  # NHWC convolutions, faster on tensor cores
+    vae_slicing: bool = False  # decode a batch one image at a time: less memory at large batches
+    vae_tiling: bool = False  # decode/encode large images in tiles: less memory at high resolution
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
     def resolved(self) -> "ModelSpec":
         """Fill family defaults and resolve `auto` device/dtype."""
@@ -71,6 +79,7 @@ class ModelSpec:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """`auto`: cuda, then mps, then cpu. Anything else is kept as given (`cuda:1`, `cpu`)."""
     if device != "auto":
         return device
     if torch.cuda.is_available():
@@ -227,7 +236,26 @@ def _load_diffusion_components(spec: ModelSpec):
     vae = AutoencoderKL.from_pretrained(spec.diffusion, subfolder="vae", torch_dtype=dtype, **kw)
     unet.to(spec.device).eval().requires_grad_(False)
     vae.to(spec.device).eval().requires_grad_(False)
+    apply_speed_flags(spec, unet, vae)
     return unet, vae
+
+
+def apply_speed_flags(spec: ModelSpec, unet, vae) -> None:
+    """PyTorch SDPA attention always; the optional flags of `spec` on top."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # diffusers picks SDPA on torch 2 already; setting it makes that a guarantee, not a default.
+    unet.set_attn_processor(AttnProcessor2_0())
+    vae.set_attn_processor(AttnProcessor2_0())
+    if spec.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if spec.vae_slicing:
+        vae.enable_slicing()
+    if spec.vae_tiling:
+        vae.enable_tiling()
+    if spec.compile:
+        unet.compile()  # in place, so `unet.config` and the pipeline see the same module
 
 
 def native_resolution(unet, vae) -> int:
@@ -274,14 +302,18 @@ def load_clip(spec: ModelSpec):
     return _load_clip(spec.resolved())
 
 
+# open_clip's precision names for our dtypes; its fp16/bf16 keep the LayerNorms in float32
+CLIP_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
 @functools.lru_cache(maxsize=2)
 def _load_clip(spec: ModelSpec):
     import open_clip
 
     register_tiny_clip()
-    log.info("loading CLIP %s (%s) on %s", spec.clip_model, spec.clip_pretrained, spec.device)
+    log.info("loading CLIP %s (%s) on %s (%s)", spec.clip_model, spec.clip_pretrained, spec.device, spec.dtype)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        spec.clip_model, pretrained=spec.clip_pretrained, device=spec.device,
+        spec.clip_model, pretrained=spec.clip_pretrained, device=spec.device, precision=CLIP_PRECISION[spec.dtype],
     )
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.clip_model)
