@@ -39,7 +39,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         with models.leased_spec() as spec:
             cfg = params.ti_config(spec.family)
             every = max(1, cfg.steps // 10)
-            rows, curves, sane = [], {}, True
+            rows, curves = [], {}
             for key in context.partition_keys:
                 folder = storage.class_folder(key)
 
@@ -51,27 +51,26 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                                           output_dir=storage.token_dir(key), progress=progress)
                 norm = float(r.embeds.norm(dim=-1).max())
                 ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 10 * r.init_norm
-                sane &= ok
                 tail = r.losses[-max(1, len(r.losses) // 10):]
                 rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
                              "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})
                 curves[folder.token] = r.losses
-            metadata = {
-                "classes": len(rows),
-                "final_loss": rows[0]["final_loss"] if len(rows) == 1 else sum(r["final_loss"] for r in rows) / len(rows),
-                "steps": cfg.steps,
-                "tokens": dg.MetadataValue.md(_table(rows)),
-                "loss_curve": dg.MetadataValue.md("\n\n".join(f"**{t}**\n\n{loss_curve_markdown(c)}" for t, c in curves.items())),
-            }
-            if len(rows) == 1:
-                metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_keys[0]) / "learned_embeds.safetensors"))
-            return dg.MaterializeResult(
-                metadata=metadata,
-                check_results=[dg.AssetCheckResult(
-                    check_name=TOKEN_CHECK, passed=sane,
-                    metadata={"max_norm": max(r["norm"] if math.isfinite(r["norm"]) else -1.0 for r in rows)},
-                )],
-            )
+        metadata = {
+            "classes": len(rows),
+            "final_loss": sum(r["final_loss"] for r in rows) / len(rows),
+            "steps": cfg.steps,
+            "tokens": dg.MetadataValue.md(_table(rows)),
+            "loss_curve": dg.MetadataValue.md("\n\n".join(f"**{t}**\n\n{loss_curve_markdown(c)}" for t, c in curves.items())),
+        }
+        if len(rows) == 1:
+            metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_key) / "learned_embeds.safetensors"))
+        return dg.MaterializeResult(
+            metadata=metadata,
+            check_results=[dg.AssetCheckResult(
+                check_name=TOKEN_CHECK, passed=all(r["ok"] for r in rows),
+                metadata={"max_norm": max(r["norm"] if math.isfinite(r["norm"]) else -1.0 for r in rows)},
+            )],
+        )
 
     return class_token
 

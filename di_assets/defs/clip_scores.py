@@ -86,24 +86,24 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                 with atomic_path(storage.scores_file(key, shift_key)) as tmp:
                     pq.write_table(table, tmp)
                 stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift), sum(kept)))
-            sims = torch.cat(all_sims)
-            in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
-            metadata = {
-                "dagster/row_count": sum(s[2] for s in stats),
-                "mean_sim_class": _mean([s[3] for s in stats]),
-                "mean_sim_shift": _mean([s[4] for s in stats]),
-                "kept": sum(s[5] for s in stats),
-                "partitions": dg.MetadataValue.md(
-                    "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
-                        f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
-            }
-            if len(stats) == 1:
-                metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2])))
-                metadata["shift_caption"] = by_key[stats[0][1]].caption
-            return dg.MaterializeResult(
-                metadata=metadata,
-                check_results=[dg.AssetCheckResult(check_name=RANGE_CHECK, passed=in_range,
-                                                   metadata={"min": float(sims.min()), "max": float(sims.max())})],
-            )
+        sims = torch.cat(all_sims)
+        in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
+        metadata = {
+            "dagster/row_count": sum(s[2] for s in stats),
+            "mean_sim_class": _mean([s[3] for s in stats]),
+            "mean_sim_shift": _mean([s[4] for s in stats]),
+            "kept": sum(s[5] for s in stats),
+            "partitions": dg.MetadataValue.md(
+                "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
+                    f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
+        }
+        if len(stats) == 1:
+            metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2])))
+            metadata["shift_caption"] = by_key[stats[0][1]].caption
+        return dg.MaterializeResult(
+            metadata=metadata,
+            check_results=[dg.AssetCheckResult(check_name=RANGE_CHECK, passed=in_range,
+                                               metadata={"min": float(sims.min()), "max": float(sims.max())})],
+        )
 
     return clip_scores

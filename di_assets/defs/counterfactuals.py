@@ -93,16 +93,16 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                     grid.append([s.image for s in samples[:6]])
                     labels.append(f"{key} / {shift_key}")
                 context.log.info(f"{key} / {shift_key}: {n} images ({i}/{len(pairs)} partitions)")
-            return dg.MaterializeResult(
-                metadata={
-                    "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0]) if len(pairs) == 1 else storage.root)),
-                    "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
-                    "num_images": sum(counts),
-                    "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
-                },
-                check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=all(c == n for c in counts),
-                                                   metadata={"expected_per_partition": n, "partitions": len(counts),
-                                                             "short_partitions": sum(c != n for c in counts)})],
-            )
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0]) if len(pairs) == 1 else storage.root)),
+                "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
+                "num_images": sum(counts),
+                "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
+            },
+            check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=all(c == n for c in counts),
+                                               metadata={"expected_per_partition": n, "partitions": len(counts),
+                                                         "short_partitions": sum(c != n for c in counts)})],
+        )
 
     return counterfactuals
