@@ -135,3 +135,20 @@ def test_generation_settings_change_marks_images_stale_but_not_tokens(world):
     assert status(changed, "counterfactuals", "circle|base") == StaleStatus.FRESH
     assert status(changed, "clip_scores", "circle|base") == StaleStatus.STALE
     assert status(changed, "clip_scores", "square|base") == StaleStatus.FRESH
+
+    retrained = Settings.load(dataset=world.settings.dataset, storage=world.settings.storage, shifts=SHIFTS,
+                              textual_inversion={"steps": 5}, generation={"num_samples": 2})
+    assert status(retrained, "class_token", "circle") == StaleStatus.STALE  # a new hyperparameter
+
+
+def test_removed_classes_can_be_deleted_instead(tmp_path):
+    from di_assets.defs.resources import StorageResource
+
+    store = StorageResource(root=str(tmp_path), dataset=str(tmp_path), removed_classes="delete")
+    for p in store.class_artifacts("old"):
+        p.mkdir(parents=True)
+        (p / "f").write_text("x")
+    assert store.retire_class("old") is None
+    assert not any(p.exists() for p in store.class_artifacts("old")) and not (tmp_path / "trash").exists()
+    with pytest.raises(ValueError, match="'trash' or 'delete'"):
+        StorageResource(root=str(tmp_path), dataset=str(tmp_path), removed_classes="keep").retire_class("x")
