@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
