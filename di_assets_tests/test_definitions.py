@@ -62,3 +62,14 @@ def test_dagster_dev_and_dg_load_the_code_location(cmd, expected, tmp_path):
     out = subprocess.run([str(exe), *cmd[1:]], cwd=root, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert expected in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", ["small.yaml", "sd2.yaml"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    settings = Settings.load(str(path))
+    defs = build_defs(settings)
+    assert defs.resolve_assets_def("class_token")
+    assert defs.resources["models"].family == settings.models.get("family", "tiny")
