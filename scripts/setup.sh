@@ -17,3 +17,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
+# The UI test (di_assets_tests/test_ui.py) drives Debian's Chromium through chromedriver: install
+# both from apt when they are missing (no browser download, ever). Without apt or root, say so and
+# go on; the test then skips, or fails under CI.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium and chromium-driver with apt-get (for the UI test)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+           chromium chromium-driver >/dev/null; }; then
+      echo "[setup] warning: apt-get could not install chromium and chromium-driver; the UI test will not run" >&2
+    fi
+  else
+    echo "[setup] note: chromium and chromedriver are missing (apt-get install chromium chromium-driver, as root);" \
+         "the UI test will not run" >&2
+  fi
+fi

@@ -8,7 +8,12 @@ from dagster_duckdb import DuckDBResource
 from di_assets.ml.shifts import select_shifts
 from di_assets.settings import Settings
 
-from .class_images import build_observe_schedule, class_folders_sensor, class_images, observe_class_images
+from .class_images import (
+    build_observe_schedule,
+    class_folders_sensor,
+    class_images,
+    observe_class_images,
+)
 from .class_token import build_class_token
 from .clip_scores import build_clip_scores
 from .counterfactuals import build_counterfactuals
@@ -16,7 +21,12 @@ from .encoder_root import build_encoder_root
 from .executors import build_executor
 from .partitions import CLASSES, class_shift_partitions
 from .resources import (
-    GenerationParams, InterfaceParams, ModelResource, ScoringParams, StorageResource, TextualInversionParams,
+    GenerationParams,
+    InterfaceParams,
+    ModelResource,
+    ScoringParams,
+    StorageResource,
+    TextualInversionParams,
 )
 from .scores_db import scores_db
 from .versions import code_versions

@@ -5,9 +5,9 @@ import math
 import dagster as dg
 
 from .class_images import class_images
-from .metadata import loss_curve_markdown
-from .partitions import CLASSES
 from .executors import gpu_tags
+from .metadata import loss_curve_markdown
+from .partitions import CLASSES, OWNERS
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 TOKEN_CHECK = "token_is_finite_with_sane_norm"
@@ -18,6 +18,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         partitions_def=CLASSES,
         deps=[class_images],
         group_name="interface",
+        owners=OWNERS,
         code_version=code_version,
         pool="gpu",
         op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
@@ -28,7 +29,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec(TOKEN_CHECK, asset="class_token",
                                        description="Every learned vector is finite, its norm within 10x the initialiser's")],
-        description="One learned token per class (textual inversion): tokens/<class>/learned_embeds.safetensors",
+        description="One learned token per class (textual inversion): `tokens/<class>/learned_embeds.safetensors`",
     )
     def class_token(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams

@@ -5,8 +5,8 @@ import dagster as dg
 from di_assets.ml.shifts import Shift
 
 from .counterfactuals import MANIFEST
-from .partitions import class_and_shift_keys
 from .executors import gpu_tags
+from .partitions import OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
@@ -27,6 +27,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         partitions_def=partitions_def,
         deps=[dg.AssetKey("counterfactuals")],
         group_name="metrics",
+        owners=OWNERS,
         code_version=code_version,
         pool="gpu",
         op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
@@ -35,7 +36,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec(RANGE_CHECK, asset="clip_scores",
                                        description="Every similarity lies in [-1, 1], with no NaN")],
-        description="Scores in Hive layout: scores/class=<c>/shift=<s>/part.parquet",
+        description="Scores in Hive layout: `scores/class=<c>/shift=<s>/part.parquet`",
     )
     def clip_scores(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams

@@ -4,9 +4,9 @@ import dagster as dg
 
 from di_assets.ml.shifts import Shift
 
-from .metadata import image_grid_markdown
-from .partitions import BY_CLASS, class_and_shift_keys
 from .executors import gpu_tags
+from .metadata import image_grid_markdown
+from .partitions import BY_CLASS, OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
@@ -42,6 +42,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         ins={"class_token": dg.AssetIn(CLASS_TOKEN, partition_mapping=BY_CLASS, dagster_type=dg.Nothing)},
         deps=[ENCODER_ROOT],
         group_name="counterfactuals",
+        owners=OWNERS,
         code_version=code_version,
         pool="gpu",
         op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
@@ -50,7 +51,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec(COUNT_CHECK, asset="counterfactuals",
                                        description="Every partition holds as many images as were asked for")],
-        description="Generated images: images/<class>/<shift>/<seed>.png and a manifest.json",
+        description="Generated images: `images/<class>/<shift>/<seed>.png` and a `manifest.json`",
     )
     def counterfactuals(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from .partitions import CLASSES
+from .partitions import CLASSES, OWNERS
 from .resources import ModelResource, StorageResource
 
 
@@ -10,6 +10,7 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
     @dg.asset(
         deps=[dg.AssetKey("class_token")],
         group_name="interface",
+        owners=OWNERS,
         code_version=code_version,
         kinds={"pytorch"},
         automation_condition=dg.AutomationCondition.eager(),

@@ -4,6 +4,8 @@ import dagster as dg
 
 CLASSES = dg.DynamicPartitionsDefinition(name="classes")
 
+OWNERS = ["team:dataset-interfaces"]  # shown on every asset in the UI
+
 
 def class_shift_partitions(shift_keys: list[str]) -> dg.MultiPartitionsDefinition:
     # Keys read "<class>|<shift>": dimensions are sorted by name.

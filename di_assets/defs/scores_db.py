@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from .partitions import OWNERS
 from .resources import StorageResource
 from .versions import SCORES_DB_CODE
 
@@ -26,10 +27,11 @@ def summary_markdown(rows) -> str:
 @dg.asset(
     deps=[dg.AssetKey("clip_scores")],
     group_name="metrics",
+    owners=OWNERS,
     code_version=SCORES_DB_CODE,
     kinds={"duckdb"},
     automation_condition=dg.AutomationCondition.eager(),
-    description="DuckDB views `scores` and `mean_scores` over scores/class=*/shift=*/part.parquet",
+    description="DuckDB views `scores` and `mean_scores` over `scores/class=*/shift=*/part.parquet`",
 )
 def scores_db(context: dg.AssetExecutionContext, storage: StorageResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
     from pathlib import Path
