@@ -84,7 +84,9 @@ def test_parquet_rows(flow):
     assert len(t) == N
     assert {r["class_name"] for r in t} == {"hot dog, frank"} and {r["shift"] for r in t} == {"in_the_snow"}
     assert [r["seed"] for r in t] == list(range(N))
-    assert all(-1 <= r["sim_class"] <= 1 and -1 <= r["sim_shift"] <= 1 and r["kept"] for r in t)
+    assert all(-1 <= r["sim_class"] <= 1 and -1 <= r["sim_shift"] <= 1 for r in t)
+    # kept follows the default thresholds (min_sim_class = min_sim_shift = 0)
+    assert [r["kept"] for r in t] == [r["sim_class"] >= 0 and r["sim_shift"] >= 0 for r in t]
     assert t[0]["clip_model"].startswith("di-tiny-clip/") and t[0]["created_at"] is not None
 
 

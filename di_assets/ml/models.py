@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 TINY_CLIP_NAME = "di-tiny-clip"
-TINY_VERSION = "tiny-v1"  # bump when the tiny architecture changes, so caches rebuild
+TINY_VERSION = "tiny-v2"  # bump when the tiny architecture changes, so caches rebuild
 TINY_SEED = 0
 FAMILIES = ("tiny", "sd")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -120,8 +120,15 @@ def tiny_diffusion_dir() -> Path:
     return path
 
 
+# Trained on the reference world by `python -m di_assets.reference_world.train_clip` (see its .json record).
+SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "reference_world" / "weights" / "clip.safetensors"
+
+
 def tiny_clip_checkpoint() -> Path:
+    """The tiny scorer's weights: the ones trained on the reference world, else random ones."""
     register_tiny_clip()
+    if SHIPPED_CLIP.exists():
+        return SHIPPED_CLIP
     path = cache_root() / TINY_VERSION / "clip" / "open_clip_model.safetensors"
     if not path.exists():
         _build_tiny_clip(path)
