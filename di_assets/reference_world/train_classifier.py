@@ -11,7 +11,6 @@ context on held-out draws.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import save_trained
 from .world import COLOURS, CONTEXTS, SHAPES, Item, draw, sample
 
 
@@ -110,15 +110,7 @@ def main(argv=None):
     record = {"script": "di_assets/reference_world/train_classifier.py", "contexts": contexts, "steps": args.steps,
               "seed": args.seed, "final_loss": float(np.mean(losses[-50:])), "accuracy_by_context": acc,
               "seconds": round(time.time() - t0, 1)}
-    print(json.dumps(record, indent=2))
-    if args.out:
-        from safetensors.torch import save_file
-
-        from di_assets.ml.io import atomic_path, write_json
-
-        with atomic_path(args.out) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        write_json(args.out.with_suffix(".json"), record)
+    save_trained(model, args.out, record)
     return record
 
 

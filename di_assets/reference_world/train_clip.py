@@ -11,7 +11,6 @@ on held-out draws.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import save_trained
 from .world import COLOURS, CONTEXTS, SHAPES, Item, draw, sample
 
 
@@ -107,15 +107,7 @@ def main(argv=None):
     record = {"script": "di_assets/reference_world/train_clip.py", "steps": args.steps, "batch": args.batch,
               "lr": args.lr, "seed": args.seed, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "zero_shot_accuracy": acc, "seconds": round(time.time() - t0, 1)}
-    print(json.dumps(record, indent=2))
-    if args.out:
-        from safetensors.torch import save_file
-
-        from di_assets.ml.io import atomic_path, write_json
-
-        with atomic_path(args.out) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        write_json(args.out.with_suffix(".json"), record)
+    save_trained(model, args.out, record)
     return record
 
 
