@@ -48,3 +48,13 @@ def test_shipped_classifiers_plant_a_known_failure():
     assert min(judge.values()) >= 0.9
     assert diagnosed["grass"] >= 0.9 and diagnosed["beach"] >= 0.9  # where it was trained
     assert diagnosed["night"] < judge["night"] - 0.3  # and where it fails
+
+
+def test_diffusion_training_runs_and_is_judged(tiny_cache):
+    from di_assets.reference_world.train_diffusion import judge_generations, train
+
+    pipe, losses = train(vae_steps=2, steps=2, batch=4, log_every=10)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert pipe.vae.config.scaling_factor > 0
+    acc, images = judge_generations(pipe, per_prompt=1, steps=2)
+    assert acc["images"] == len(images) == 36 and 0 <= acc["shape"] <= 1 and 0 <= acc["context"] <= 1

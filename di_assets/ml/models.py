@@ -35,6 +35,11 @@ TINY_CLIP_NAME = "di-tiny-clip"
 TINY_VERSION = "tiny-v2"  # bump when the tiny architecture changes, so caches rebuild
 TINY_SEED = 0
 FAMILIES = ("tiny", "sd")
+# Trained on the reference world by `python -m di_assets.reference_world.train_clip` and
+# `... .train_diffusion` (see the .json record beside each).
+SHIPPED = Path(__file__).resolve().parent.parent / "reference_world" / "weights"
+SHIPPED_CLIP = SHIPPED / "clip.safetensors"
+SHIPPED_DIFFUSION = SHIPPED / "diffusion"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -113,15 +118,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("DI_ASSETS_CACHE", Path.home() / ".cache" / "di_assets"))
 
 
-def tiny_diffusion_dir() -> Path:
+def tiny_diffusion_dir(trained: bool = True) -> Path:
+    """The tiny text-to-image model: the one trained on the reference world, else (or with
+    `trained=False`) the architecture with its deterministic random weights."""
+    if trained and (SHIPPED_DIFFUSION / "model_index.json").exists():
+        return SHIPPED_DIFFUSION
     path = cache_root() / TINY_VERSION / "diffusion"
     if not (path / "model_index.json").exists():
         _build_tiny_diffusion(path)
     return path
 
 
-# Trained on the reference world by `python -m di_assets.reference_world.train_clip` (see its .json record).
-SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "reference_world" / "weights" / "clip.safetensors"
 
 
 def tiny_clip_checkpoint() -> Path:
