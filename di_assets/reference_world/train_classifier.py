@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import save_trained
-from .world import COLOURS, CONTEXTS, SHAPES, Item, draw, sample
+from . import optimizer_step, save_trained
+from .world import CONTEXTS, SHAPES, draw, random_item, sample
 
 
 def build_model() -> nn.Module:
@@ -78,17 +78,11 @@ def train(contexts, steps: int, batch: int = 64, lr: float = 3e-3, seed: int = 0
     losses, t0 = [], time.time()
     for step in range(1, steps + 1):
         model.train()
-        items = [Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(contexts)) for _ in range(batch)]
+        items = [random_item(rng, contexts=contexts) for _ in range(batch)]
         x = to_tensor([draw(it, rng) for it in items])
         y = torch.tensor([SHAPES.index(it.shape) for it in items])
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            print(f"step {step}/{steps} loss {np.mean(losses[-log_every:]):.3f} ({time.time() - t0:.0f}s)", flush=True)
+        optimizer_step(loss, opt, sched, losses, step, steps, log_every, t0)
     model.eval()
     return model, losses
 

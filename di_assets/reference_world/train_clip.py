@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import save_trained
-from .world import COLOURS, CONTEXTS, SHAPES, Item, draw, sample
+from . import optimizer_step, save_trained
+from .world import CONTEXTS, SHAPES, Item, draw, random_item, sample
 
 
 def context_caption(context: str) -> str:
@@ -71,7 +71,7 @@ def train(steps: int, batch: int = 128, lr: float = 2e-3, seed: int = 0, log_eve
     losses = []
     t0 = time.time()
     for step in range(1, steps + 1):
-        items = [Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(CONTEXTS))) for _ in range(batch)]
+        items = [random_item(rng) for _ in range(batch)]
         x = torch.stack([preprocess(draw(it, rng)) for it in items])
         caps = [caption_variant(it, rng) for it in items]
         img = F.normalize(model.encode_image(x), dim=-1)
@@ -81,14 +81,7 @@ def train(steps: int, batch: int = 128, lr: float = 2e-3, seed: int = 0, log_eve
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            print(f"step {step}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.3f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+        optimizer_step(loss, opt, sched, losses, step, steps, log_every, t0)
     model.eval()
     return model, preprocess, tokenizer, losses
 

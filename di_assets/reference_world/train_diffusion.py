@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .world import COLOURS, CONTEXTS, SHAPES, Item, draw
+from . import optimizer_step
+from .world import COLOURS, CONTEXTS, SHAPES, Item, draw, random_item
 
 
 def _batch(rng: random.Random, n: int):
-    items = [Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(CONTEXTS))) for _ in range(n)]
+    items = [random_item(rng) for _ in range(n)]
     from .train_classifier import to_tensor
 
     return items, to_tensor([draw(it, rng) for it in items])
@@ -76,15 +77,7 @@ def train(vae_steps: int, steps: int, batch: int = 32, lr: float = 1e-3, seed: i
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,))
         pred = unet(noise_sched.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            print(f"unet {step}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+        optimizer_step(loss, opt, sched, losses, step, steps, log_every, t0, label="unet", clip_params=params)
     unet.eval()
     text_encoder.eval()
     return pipe, losses

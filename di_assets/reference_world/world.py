@@ -106,11 +106,16 @@ def draw(item: Item, rng: random.Random) -> Image.Image:
     return im.filter(ImageFilter.SMOOTH) if rng.random() < 0.5 else im
 
 
+def random_item(rng: random.Random, shapes=SHAPES, colours=tuple(COLOURS), contexts=tuple(CONTEXTS)) -> Item:
+    """One item drawn uniformly over the given shapes, colours and contexts."""
+    return Item(rng.choice(shapes), rng.choice(colours), rng.choice(contexts))
+
+
 def sample(n: int, seed: int, shapes=SHAPES, colours=tuple(COLOURS), contexts=tuple(CONTEXTS)):
     """`n` (item, image) pairs drawn uniformly over the given shapes, colours and contexts."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        item = Item(rng.choice(shapes), rng.choice(colours), rng.choice(contexts))
+        item = random_item(rng, shapes, colours, contexts)
         out.append((item, draw(item, rng)))
     return out
