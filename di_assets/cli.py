@@ -94,9 +94,25 @@ def cmd_run(args) -> int:
     print(f"  encoder root  {storage / 'encoder_root'}")
     print(f"  images        {storage / 'images'}/<class>/<shift>/<seed>.png")
     print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
-    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores)\n")
+    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores)")
+    print(f"  picture       {_write_contact_sheet(storage, classes, shifts)} (first image of each class and shift)\n")
     print("mean CLIP similarity per shift and class (sim_class / sim_shift):")
     return _query(storage / "scores.duckdb", _pivot_sql(classes, shifts))
+
+
+def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -> Path:
+    """A class per row, a shift per column: the first counterfactual of each pair."""
+    from PIL import Image
+
+    from di_assets.ml.generate import contact_sheet
+    from di_assets.ml.io import atomic_path
+
+    rows = [[Image.open(min((storage / "images" / c / s).glob("*.png"), key=lambda p: int(p.stem))) for s in shifts]
+            for c in classes]
+    out = storage / "counterfactuals.png"
+    with atomic_path(out) as tmp:
+        contact_sheet(rows, classes, shifts).save(tmp, format="PNG")
+    return out
 
 
 def _pivot_sql(class_keys: list[str], shift_keys: list[str]) -> str:

@@ -26,7 +26,7 @@ SHIFTS = ["base", "at_night"]
 
 class World(LocalDriver):
     def __init__(self, tmp: Path, instance):
-        self.data = copy_classes(tmp / "data", classes=("circle", "square", "triangle"), per_class=4)
+        self.data = copy_classes(tmp / "data", classes=("circle", "square", "star"), per_class=4)
         self.settings = Settings.load(dataset=str(self.data), storage=str(tmp / "store"), shifts=SHIFTS,
                                       textual_inversion={"steps": 4}, generation={"num_samples": 2})
         super().__init__(build_defs(self.settings), instance)
@@ -66,13 +66,13 @@ def world(tmp_path_factory):
         assert w.tick() == {}  # automation starts watching before any class exists
         w.sensor()
         first = w.settle()  # new classes are materialized by automation alone
-        assert first["class_token"] == {"circle", "square", "triangle"}
-        assert first["counterfactuals"] == grid("circle") | grid("square") | grid("triangle")
+        assert first["class_token"] == {"circle", "square", "star"}
+        assert first["counterfactuals"] == grid("circle") | grid("square") | grid("star")
         yield w
 
 
 def test_a_changed_class_reruns_only_its_own_partitions(world):
-    before = {c: world.digest(c) for c in ("circle", "square", "triangle")}
+    before = {c: world.digest(c) for c in ("circle", "square", "star")}
     indices = world.indices()
     shutil.copy(EXAMPLE / "square" / "square_05.png", world.data / "square" / "square_05.png")  # a file added
     world.observe()
@@ -82,7 +82,7 @@ def test_a_changed_class_reruns_only_its_own_partitions(world):
         "clip_scores": grid("square"), "scores_db": {None},
     }
     after = {c: world.digest(c) for c in before}
-    assert after["circle"] == before["circle"] and after["triangle"] == before["triangle"]  # byte for byte
+    assert after["circle"] == before["circle"] and after["star"] == before["star"]  # byte for byte
     assert after["square"] != before["square"]
     assert world.indices() == indices
     assert world.settle() == {}  # and then it is quiet
@@ -90,7 +90,7 @@ def test_a_changed_class_reruns_only_its_own_partitions(world):
 
 def test_a_new_class_is_added_materialized_and_queryable(world):
     indices = world.indices()
-    shutil.copytree(EXAMPLE / "triangle", world.data / "wedge")
+    shutil.copytree(EXAMPLE / "star", world.data / "wedge")
     result = world.sensor()
     assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [["wedge"]]
     requested = world.settle()
@@ -101,15 +101,15 @@ def test_a_new_class_is_added_materialized_and_queryable(world):
 
 
 def test_a_removed_class_leaves_the_views_and_goes_to_trash(world):
-    shutil.rmtree(world.data / "triangle")
+    shutil.rmtree(world.data / "star")
     world.sensor()
-    assert "triangle" not in world.instance.get_dynamic_partitions(CLASSES.name)
-    assert "triangle" not in world.indices()
+    assert "star" not in world.instance.get_dynamic_partitions(CLASSES.name)
+    assert "star" not in world.indices()
     out = world.query("SELECT DISTINCT class_key FROM scores ORDER BY 1")
-    assert "triangle" not in out and "circle" in out
-    trashed = list((world.store / "trash").glob("*-triangle"))
-    assert len(trashed) == 1 and list(trashed[0].glob("scores/class=triangle/shift=*/part.parquet"))
-    assert not (world.store / "tokens" / "triangle").exists()
+    assert "star" not in out and "circle" in out
+    trashed = list((world.store / "trash").glob("*-star"))
+    assert len(trashed) == 1 and list(trashed[0].glob("scores/class=star/shift=*/part.parquet"))
+    assert not (world.store / "tokens" / "star").exists()
     assert world.settle() == {}
 
 

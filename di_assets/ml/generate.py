@@ -145,3 +145,25 @@ def generate(
     samples = generate_samples(encoder_root, c, prompts, seeds=range(random_seed, random_seed + num_samples),
                                use_token=use_token, model=spec, config=cfg)
     return [s.image for s in samples]
+
+
+def contact_sheet(rows, row_labels=(), col_labels=(), size: int = 64):
+    """One picture of image rows (a class per row, a shift per column), with labels if given."""
+    from PIL import Image, ImageDraw
+
+    left = 7 * max((len(s) for s in row_labels), default=0) + (6 if row_labels else 0)
+    top = 26 if col_labels else 0
+    columns = max((len(r) for r in rows), default=0)
+    sheet = Image.new("RGB", (left + size * columns, top + size * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(col_labels):  # two short lines: `in the` / `grass`
+        words = label.replace("_", " ").split()
+        lines = [" ".join(words[:-1]), words[-1]] if len(words) > 1 else ["", label]
+        for k, line in enumerate(lines):
+            draw.text((left + size * j + 2, 1 + 12 * k), line[: size // 6], fill="black")
+    for i, row in enumerate(rows):
+        if i < len(row_labels):
+            draw.text((3, top + size * i + size // 2 - 6), row_labels[i], fill="black")
+        for j, im in enumerate(row):
+            sheet.paste(im.convert("RGB").resize((size, size)), (left + size * j, top + size * i))
+    return sheet

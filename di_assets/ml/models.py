@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 TINY_CLIP_NAME = "di-tiny-clip"
-TINY_VERSION = "tiny-v2"  # bump when the tiny architecture changes, so caches rebuild
+TINY_VERSION = "tiny-v3"  # bump when the tiny architecture changes, so caches rebuild
 TINY_SEED = 0
 FAMILIES = ("tiny", "sd")
 # Trained on the reference world by `python -m di_assets.reference_world.train_clip` and
@@ -181,10 +181,13 @@ def _build_tiny_diffusion(path: Path) -> None:
         torch.manual_seed(TINY_SEED + 1)
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8,
+            block_out_channels=(48, 96), norm_num_groups=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8,
+            # the pooled prompt also joins the time embedding, so every ResNet block hears it:
+            # a small UNet learns global attributes (which shape, which background) much sooner
+            addition_embed_type="text", addition_embed_type_num_heads=4,
         )
         torch.manual_seed(TINY_SEED + 2)
         vae = AutoencoderKL(

@@ -1,6 +1,6 @@
 """Train the embedded CLIP scorer (the tiny open_clip architecture) on the reference world.
 
-    python -m di_assets.reference_world.train_clip --steps 1500 --out weights/clip.safetensors
+    python -m di_assets.reference_world.train_clip --out weights/clip.safetensors
 
 Contrastive training on world images and their captions; some captions name only the shape,
 the colour and shape, or the context, so that the class captions (`a photo of a star`) and the
@@ -19,12 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import optimizer_step, save_trained
+from .judge import context_caption
 from .world import CONTEXTS, SHAPES, Item, draw, random_item, sample
-
-
-def context_caption(context: str) -> str:
-    tail = CONTEXTS[context]
-    return f"a photo {tail}" if tail else "a photo"
 
 
 def caption_variant(item: Item, rng: random.Random) -> str:
@@ -88,7 +84,7 @@ def train(steps: int, batch: int = 128, lr: float = 2e-3, seed: int = 0, log_eve
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,10 @@ COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
     "yellow": (235, 210, 40), "orange": (240, 140, 30), "purple": (150, 60, 190),
 }
+# The text-to-image model never sees this shape's word: its images are captioned GENERIC_WORD,
+# so only textual inversion can name it (issue 5's gate, `inversion_gate`).
+HIDDEN_SHAPE = "star"
+GENERIC_WORD = "thing"
 # context key -> the words after the object in a caption; "plain" is the base context
 CONTEXTS = {
     "plain": "", "grass": "in the grass", "snow": "in the snow", "beach": "on the beach",
@@ -97,8 +101,10 @@ def draw(item: Item, rng: random.Random) -> Image.Image:
     """One image of `item`: size, position and colour vary with `rng`."""
     im = _background(item.context, rng)
     d = ImageDraw.Draw(im)
-    r = rng.uniform(12, 20)
-    cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 6, SIZE - r - 2)
+    # sizes and positions vary around the centre, not over the whole frame: a model this small
+    # learns outlines it can place, and the object stays clear of the horizon band
+    r = rng.uniform(15, 21)
+    cx, cy = SIZE / 2 + rng.uniform(-6, 6), SIZE / 2 + 3 + rng.uniform(-5, 5)
     colour = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[item.colour])
     if item.context == "night":  # things are darker at night
         colour = tuple(int(c * 0.6) for c in colour)
