@@ -34,7 +34,8 @@ def draw_class_folder(folder: Path, shape: str = HIDDEN_SHAPE, n: int = 16, seed
     return folder
 
 
-def measure(workdir: Path, n_images: int = 16, per_prompt: int = 8, seed: int = 0, steps: int | None = None) -> dict:
+def measure(workdir: Path, n_images: int = 16, per_prompt: int = 8, seed: int = 0, **ti_settings) -> dict:
+    """Run the gate in `workdir`; `ti_settings` override the tiny textual-inversion defaults."""
     from di_assets.ml.clip_metric import get_scorer
     from di_assets.ml.encoder_root import create_token_dictionary
     from di_assets.ml.generate import generate
@@ -46,8 +47,7 @@ def measure(workdir: Path, n_images: int = 16, per_prompt: int = 8, seed: int = 
     spec = ModelSpec(device="cpu")
     t0 = time.time()
     folder = draw_class_folder(workdir / HIDDEN_SHAPE, n=n_images, seed=seed)
-    overrides = {"steps": steps} if steps else {}  # none: the tiny defaults
-    learned = run_textual_inversion(folder, f"<{HIDDEN_SHAPE}>", HIDDEN_SHAPE, model=spec, seed=seed, **overrides)
+    learned = run_textual_inversion(folder, f"<{HIDDEN_SHAPE}>", HIDDEN_SHAPE, model=spec, seed=seed, **ti_settings)
     t_inversion = time.time() - t0
     initial = initial_embedding(*load_base_text_encoder(spec), HIDDEN_SHAPE)
     root = create_token_dictionary([learned, initial], [f"<{HIDDEN_SHAPE}>", f"<{HIDDEN_SHAPE}-initial>"],
