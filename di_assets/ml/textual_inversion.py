@@ -68,6 +68,7 @@ class TextualInversionResult:
     final_eval_loss: float
     init_norm: float
     steps: int
+    vocab_norm: float = 0.0  # the largest row norm of the base vocabulary: the scale of a real word
     resumed_from: int = 0
     output_dir: Path | None = None
     config: dict = field(default_factory=dict)
@@ -207,6 +208,7 @@ def run_textual_inversion(
 
     init = initial_embedding(tokenizer, text_encoder, class_name)
     init_norm = float(init.norm())
+    vocab_norm = float(text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).max())
     vectors = init.repeat(cfg.num_vectors, 1).to(device).requires_grad_(True)
     optimizer = torch.optim.AdamW([vectors], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -291,7 +293,8 @@ def run_textual_inversion(
 
     result = TextualInversionResult(
         token=token, class_name=class_name, embeds=vectors.detach().float().cpu().clone(), losses=losses,
-        initial_eval_loss=initial_eval, final_eval_loss=final_eval, init_norm=init_norm, steps=cfg.steps,
+        initial_eval_loss=initial_eval, final_eval_loss=final_eval, init_norm=init_norm, vocab_norm=vocab_norm,
+        steps=cfg.steps,
         resumed_from=start, output_dir=output_dir, config=run_config,
     )
     if output_dir is not None:
