@@ -133,9 +133,9 @@ def test_example_run_on_the_reference_world(tmp_path):
     import duckdb
     from PIL import Image
 
-    from di_assets.defs.clip_scores import class_caption
     from di_assets.ml.clip_metric import get_scorer
     from di_assets.ml.models import ModelSpec
+    from di_assets.ml.shifts import class_caption
 
     store, shifts = tmp_path / "store", ["base", "in_the_grass", "in_the_snow", "at_night"]
     (tmp_path / "home").mkdir()

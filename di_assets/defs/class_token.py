@@ -53,7 +53,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                 norm = float(r.embeds.norm(dim=-1).max())
                 # sane: no larger than 20x the largest word of the vocabulary (an unpinned tiny
                 # token ends near 10x; a diverging one runs far past that)
-                ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 20 * max(r.init_norm, r.vocab_norm)
+                ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 20 * r.vocab_norm
                 tail = r.losses[-max(1, len(r.losses) // 10):]
                 rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
                              "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from di_assets.ml.shifts import Shift
+from di_assets.ml.shifts import Shift, class_caption
 
 from .counterfactuals import MANIFEST
 from .executors import gpu_tags
@@ -11,9 +11,6 @@ from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
 
-
-def class_caption(name: str) -> str:
-    return f"a photo of a {name}"
 
 
 def _mean(xs) -> float:

@@ -33,6 +33,11 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def class_caption(name: str) -> str:
+    """The caption a class's images are scored against (sim_class): `a photo of a dog`."""
+    return f"a photo of a {name}"
+
+
 def _s(key: str, prompt: str, caption: str) -> Shift:
     return Shift(key, prompt.replace("{}", TOKEN), caption)
 

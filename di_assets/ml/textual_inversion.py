@@ -67,8 +67,8 @@ class TextualInversionResult:
     initial_eval_loss: float
     final_eval_loss: float
     init_norm: float
+    vocab_norm: float  # the largest row norm of the base vocabulary: the scale of a real word
     steps: int
-    vocab_norm: float = 0.0  # the largest row norm of the base vocabulary: the scale of a real word
     resumed_from: int = 0
     output_dir: Path | None = None
     config: dict = field(default_factory=dict)

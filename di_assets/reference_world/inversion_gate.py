@@ -40,6 +40,7 @@ def measure(workdir: Path, n_images: int = 16, per_prompt: int = 8, seed: int = 
     from di_assets.ml.encoder_root import create_token_dictionary
     from di_assets.ml.generate import generate
     from di_assets.ml.models import ModelSpec, load_base_text_encoder
+    from di_assets.ml.shifts import class_caption
     from di_assets.ml.textual_inversion import initial_embedding, run_textual_inversion
 
     from .judge import judge_contexts, judge_shapes
@@ -55,24 +56,21 @@ def measure(workdir: Path, n_images: int = 16, per_prompt: int = 8, seed: int = 
                                    class_keys=["learned", "initial"])
     contexts = ("plain",) + SHIFT_CONTEXTS
     prompts = [f"a photo of a <TOKEN> {CONTEXTS[c]}".strip() for c in contexts]
-    class_caption = f"a photo of a {HIDDEN_SHAPE}"
+    wanted = [c for c in contexts for _ in range(per_prompt)]  # the context each image was asked for
+    shift = [i for i, c in enumerate(wanted) if c != "plain"]
     out = {"hidden_shape": HIDDEN_SHAPE, "images_per_prompt": per_prompt, "train_images": n_images,
            "steps": learned.steps, "eval_loss": [learned.initial_eval_loss, learned.final_eval_loss],
            "inversion_seconds": round(t_inversion, 1)}
     for key in ("learned", "initial"):
         images = generate(root, key, prompts, num_samples=per_prompt, random_seed=seed + 1000, model=spec)
-        wanted = [c for c in contexts for _ in range(per_prompt)]
         shapes, seen = judge_shapes(images), judge_contexts(images)
-        shift = [i for i, c in enumerate(wanted) if c != "plain"]
         out[key] = {
             "shape": sum(s == HIDDEN_SHAPE for s in shapes) / len(images),
             "shape_by_context": {c: sum(shapes[i] == HIDDEN_SHAPE for i, w in enumerate(wanted) if w == c) / per_prompt
                                  for c in contexts},
             "context_of_shift_prompts": sum(seen[i] == wanted[i] for i in shift) / len(shift),
-            "sim_class": get_scorer(spec).similarity(images, [class_caption])[:, 0].mean().item(),
+            "sim_class": get_scorer(spec).similarity(images, [class_caption(HIDDEN_SHAPE)])[:, 0].mean().item(),
         }
-        if key == "learned":
-            out["_images"] = images
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -85,7 +83,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = measure(Path(tmp), args.images, args.per_prompt, args.seed)
-    out.pop("_images")
     print(json.dumps(out, indent=2))
     return out
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from di_assets.ml.shifts import class_caption
+
 from . import optimizer_step, save_trained
 from .judge import context_caption
 from .world import CONTEXTS, SHAPES, Item, draw, random_item, sample
@@ -42,7 +44,7 @@ def zero_shot(model, preprocess, tokenizer, n: int = 300, seed: int = 10_000) ->
     f = F.normalize(model.encode_image(x).float(), dim=-1)
     out = {}
     for name, labels, captions in (
-        ("shape", [it.shape for it, _ in data], {s: f"a photo of a {s}" for s in SHAPES}),
+        ("shape", [it.shape for it, _ in data], {s: class_caption(s) for s in SHAPES}),
         ("context", [it.context for it, _ in data], {c: context_caption(c) for c in CONTEXTS}),
     ):
         t = F.normalize(model.encode_text(tokenizer(list(captions.values()))).float(), dim=-1)
