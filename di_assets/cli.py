@@ -1,4 +1,4 @@
-"""The `di-assets` command: run the whole flow, query the scores, import ImageNet* tokens."""
+"""The `di-assets` command: run the whole flow, query the scores, write the diagnosis report, import ImageNet* tokens."""
 
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def _instance(storage: Path):
     return dg.DagsterInstance.local_temp(tempdir=str(home))
 
 
-def _print_table(columns, rows, out=None):
+def _print_table(columns, rows, out=None, indent: str = ""):
     out = out or sys.stdout
     cells = [[("%.4f" % v) if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
+    print(indent + "  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
+    print(indent + "  ".join("-" * w for w in widths), file=out)
     for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)), file=out)
+        print(indent + "  ".join(v.ljust(w) for v, w in zip(r, widths)), file=out)
 
 
 def cmd_run(args) -> int:
@@ -68,7 +68,8 @@ def cmd_run(args) -> int:
     def step(label, selection, **kw):
         t = time.time()
         job.execute_in_process(instance=instance, run_config=log_config,
-                               asset_selection=[dg.AssetKey(s) for s in selection], **kw)
+                               asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s)
+                                                for s in selection], **kw)
         print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
 
     def over(first, last):  # one run over a range of partitions: models load once for all of them
@@ -89,15 +90,55 @@ def cmd_run(args) -> int:
     step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
          ["counterfactuals", "clip_scores"], **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
     step("scores_db", ["scores_db"])
+    classifiers = [c.name for c in settings.classifier_specs()]
+    if classifiers:
+        from di_assets.defs.predictions import prediction_key, real_prediction_key
+
+        step(f"real_predictions: {len(classifiers)} classifiers x {len(classes)} classes",
+             [real_prediction_key(c) for c in classifiers], **over(classes[0], classes[-1]))
+        step(f"predictions: {len(classifiers)} classifiers x {len(classes)} classes x {len(shifts)} shifts",
+             [prediction_key(c) for c in classifiers],
+             **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
+        step("diagnosis", ["diagnosis"])
     print(f"\ndone in {time.time() - t0:.1f}s. Results under {storage}:")
     print(f"  tokens        {storage / 'tokens'}/<class>/learned_embeds.safetensors")
     print(f"  encoder root  {storage / 'encoder_root'}")
     print(f"  images        {storage / 'images'}/<class>/<shift>/<seed>.png")
     print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
-    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores)")
-    print(f"  picture       {_write_contact_sheet(storage, classes, shifts)} (first image of each class and shift)\n")
-    print("mean CLIP similarity per shift and class (sim_class / sim_shift):")
-    return _query(storage / "scores.duckdb", _pivot_sql(classes, shifts))
+    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores"
+          + (", predictions, accuracy, shift_failures, class_failures, real_vs_base)" if classifiers else ")"))
+    print(f"  picture       {_write_contact_sheet(storage, classes, shifts)} (first image of each class and shift)")
+    if classifiers:
+        print(f"  report        {storage / 'diagnosis' / 'report.html'} (charts, heat maps, misclassified images)")
+    print("\nmean CLIP similarity per shift and class (sim_class / sim_shift):")
+    _query(storage / "scores.duckdb", _pivot_sql(classes, shifts))
+    if classifiers:
+        _print_diagnosis(storage / "scores.duckdb", shifts)
+    return 0
+
+
+def _print_diagnosis(db: Path, shifts: list[str]) -> None:
+    """Per classifier, accuracy per shift on the images the CLIP filter kept, and the drop from base."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        kept = con.execute("SELECT count(*) FILTER (kept), count(*) FROM scores").fetchone()
+        print(f"\ndiagnosis: the CLIP filter kept {kept[0]} of {kept[1]} images; accuracy on kept images, "
+              "averaged over classes, and its drop from base with a 95% interval (* = significant):")
+        rows = con.execute(
+            "SELECT classifier, shift, accuracy, drop, drop_low, drop_high, significant, classes_dropping, classes "
+            "FROM shift_failures ORDER BY classifier, list_position(?, shift)", [shifts]).fetchall()
+    finally:
+        con.close()
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == name]
+        worst = sorted((r for r in mine if r[1] != "base"), key=lambda r: -(r[3] or 0))[:5]
+        base = next((r for r in mine if r[1] == "base"), None)
+        print(f"\n  {name}: base accuracy {base[2]:.3f}" if base else f"\n  {name}:")
+        _print_table(["shift", "accuracy", "drop", "95% interval", "classes dropping"], [
+            (r[1], r[2], f"{r[3]:+.3f}{' *' if r[6] else ''}", f"[{r[4]:+.3f}, {r[5]:+.3f}]", f"{r[7]}/{r[8]}")
+            for r in worst], indent="    ")
 
 
 def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -> Path:
@@ -129,7 +170,7 @@ def cmd_update(args) -> int:
     from dagster_shared.serdes import deserialize_value, serialize_value
 
     from di_assets.defs import build_defs
-    from di_assets.defs.driver import ORDER, LocalDriver
+    from di_assets.defs.driver import LocalDriver
 
     settings = _settings(args)
     storage = Path(settings.storage)
@@ -152,7 +193,7 @@ def cmd_update(args) -> int:
         tmp.write_text(serialize_value(driver.cursor))
     if not done:
         print("everything is up to date")
-    for name in ORDER:
+    for name in driver.order:
         if name in done:
             keys = sorted(k for k in done[name] if k is not None)
             print(f"  {name}: {', '.join(keys) if keys else 'rebuilt'}")
@@ -182,6 +223,28 @@ def _query(db: Path, sql: str) -> int:
 def cmd_query(args) -> int:
     settings = _settings(args)
     return _query(Path(settings.storage) / "scores.duckdb", args.sql)
+
+
+def cmd_report(args) -> int:
+    import duckdb
+
+    from di_assets.ml.report import write_report
+
+    settings = _settings(args)
+    storage = Path(settings.storage)
+    db = storage / "scores.duckdb"
+    if not db.exists():
+        raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize diagnosis) first")
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'shift_failures'").fetchone()[0]:
+            raise SystemExit(f"error: {db} has no diagnosis views; materialize the diagnosis asset "
+                             "(di-assets run, with classifiers in the settings) first")
+        out = write_report(con, storage, Path(args.out) if args.out else storage / "diagnosis" / "report.html")
+    finally:
+        con.close()
+    print(f"report written to {out}")
+    return 0
 
 
 def cmd_import(args) -> int:
@@ -231,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.add_argument("sql", help="e.g. \"SELECT shift, avg(sim_class) FROM scores GROUP BY shift\"")
     q.set_defaults(func=cmd_query)
+
+    rp = sub.add_parser("report", help="write the diagnosis report as one HTML page",
+                        description="Write one self-contained HTML page: per classifier, accuracy per shift with "
+                                    "95% intervals, a class x shift heat map, the worst shifts and misclassified "
+                                    "images beside their CLIP filter status.")
+    common(rp)
+    rp.add_argument("--out", help="HTML file to write (default: <storage>/diagnosis/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     i = sub.add_parser("import-imagenet-star", help="build an encoder root from published ImageNet* tokens",
                        description="Build an encoder root from a folder of {i}.bin token files (read with weights_only=True).")

@@ -34,7 +34,10 @@ class Settings:
     shifts: list | str | None = None
     textual_inversion: dict = field(default_factory=dict)  # TextualInversionConfig overrides
     generation: dict = field(default_factory=dict)  # num_samples, seed + GenerationConfig overrides
-    scoring: dict = field(default_factory=dict)  # min_sim_class, min_sim_shift
+    scoring: dict = field(default_factory=dict)  # the CLIP filter: zero_shot, shift_over_base, min_sim_class, min_sim_shift
+    # Classifiers under diagnosis (see di_assets.ml.classifiers.ClassifierSpec); None: the family's
+    # default (tiny: the reference world's `diagnosed` and `judge`; sd: none); []: no diagnosis.
+    classifiers: list | None = None
     observe_cron: str = "0 * * * *"  # when the schedule observes the dataset folder (hourly)
     removed_classes: str = "trash"  # a removed class's files: "trash" (storage/trash/) or "delete"
 
@@ -62,3 +65,29 @@ class Settings:
         s.dataset = str(Path(s.dataset).resolve())
         s.storage = str(Path(s.storage).resolve())
         return s
+
+    def classifier_specs(self) -> list:
+        from di_assets.ml.classifiers import ClassifierSpec
+
+        items = self.classifiers
+        if items is None:
+            family = self.models.get("family", "tiny")
+            items = DEFAULT_CLASSIFIERS if family == "tiny" else []
+        if not isinstance(items, list):
+            raise ValueError(f"classifiers must be a list of {{name, kind, ...}} entries, not {items!r}")
+        specs = [ClassifierSpec.from_dict(
+            {"family": self.models.get("family", "tiny"), "device": self.models.get("device", "auto"), **item}) for item in items]
+        names = [s.name for s in specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"classifier names must be unique; repeated: {dupes}")
+        return specs
+
+
+# The embedded default's models under diagnosis: the reference world's shape classifier trained on
+# grass and beach only (its planted failure is at night and in the water), and the judge trained on
+# every context (no failure to find).
+DEFAULT_CLASSIFIERS = [
+    {"name": "diagnosed", "kind": "reference", "model": "diagnosed"},
+    {"name": "judge", "kind": "reference", "model": "judge"},
+]

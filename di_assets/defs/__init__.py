@@ -17,9 +17,11 @@ from .class_images import (
 from .class_token import build_class_token
 from .clip_scores import build_clip_scores
 from .counterfactuals import build_counterfactuals
+from .diagnosis import build_diagnosis
 from .encoder_root import build_encoder_root
 from .executors import build_executor
 from .partitions import CLASSES, class_shift_partitions
+from .predictions import build_predictions, build_real_predictions
 from .resources import (
     GenerationParams,
     InterfaceParams,
@@ -29,7 +31,7 @@ from .resources import (
     TextualInversionParams,
 )
 from .scores_db import scores_db
-from .versions import code_versions
+from .versions import classifier_version, code_versions
 
 
 def build_resources(settings: Settings) -> dict:
@@ -50,7 +52,7 @@ def build_assets(settings: Settings) -> list:
     shifts = select_shifts(settings.shifts)
     grid = class_shift_partitions([s.key for s in shifts])
     versions = code_versions(settings, shifts)
-    return [
+    assets = [
         class_images,
         build_class_token(versions["class_token"]),
         build_encoder_root(versions["encoder_root"]),
@@ -58,6 +60,13 @@ def build_assets(settings: Settings) -> list:
         build_clip_scores(shifts, grid, versions["clip_scores"]),
         scores_db,
     ]
+    classifiers = settings.classifier_specs()
+    for spec in classifiers:
+        assets += [build_predictions(spec, grid, classifier_version(spec)),
+                   build_real_predictions(spec, classifier_version(spec))]
+    if classifiers:
+        assets.append(build_diagnosis([s.name for s in classifiers], versions["diagnosis"]))
+    return assets
 
 
 def build_defs(settings: Settings | None = None) -> dg.Definitions:

@@ -46,27 +46,36 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         import torch
         from PIL import Image
 
-        from di_assets.ml.clip_metric import get_scorer
+        from di_assets.ml.clip_metric import BASE_CAPTION, drop_reasons, get_scorer
         from di_assets.ml.io import atomic_path
 
+        classes = storage.classes()  # once per run: every class caption takes part in the zero-shot filter
+        class_keys = list(classes)
+        index = {k: i for i, k in enumerate(class_keys)}
+        captions = [class_caption(c.name) for c in classes.values()]
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
-            sp = params.scoring
+            rule = params.scoring.rule()
             stats, all_sims = [], []
             for key, shift_key in class_and_shift_keys(context):
                 shift = by_key[shift_key]
                 folder = storage.images_dir(key, shift_key)
                 manifest = json.loads((folder / MANIFEST).read_text())
-                name = storage.class_folder(key).name
+                if key not in classes:
+                    raise dg.Failure(f"class {key!r} has no folder in {storage.dataset}; was it removed?")
+                name, own = classes[key].name, index[key]
                 images = []
                 for rec in manifest["images"]:
                     with Image.open(folder / rec["file"]) as im:
                         images.append(im.convert("RGB"))
-                sims = scorer.similarity(images, [class_caption(name), shift.caption])
-                all_sims.append(sims)
-                sim_class, sim_shift = sims[:, 0].tolist(), sims[:, 1].tolist()
-                kept = [c >= sp.min_sim_class and s >= sp.min_sim_shift for c, s in zip(sim_class, sim_shift)]
+                # text features of every caption are computed once per process (the scorer caches them)
+                sims = scorer.similarity(images, captions + [shift.caption, BASE_CAPTION])
+                class_sims, sim_shift, sim_base = sims[:, :-2], sims[:, -2], sims[:, -1]
+                all_sims.append(torch.cat([class_sims[:, own:own + 1], sims[:, -2:]], 1))
+                reasons = drop_reasons(class_sims, own, class_keys, sim_shift, sim_base, shift.caption, rule)
+                sim_class = class_sims[:, own].tolist()
+                kept = [r is None for r in reasons]
                 n = len(images)
                 table = pa.table({
                     "class_key": [key] * n,
@@ -75,15 +84,18 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                     "seed": pa.array([r["seed"] for r in manifest["images"]], pa.int64()),
                     "image_path": [str(folder / r["file"]) for r in manifest["images"]],
                     "sim_class": pa.array(sim_class, pa.float32()),
-                    "sim_shift": pa.array(sim_shift, pa.float32()),
+                    "sim_shift": pa.array(sim_shift.tolist(), pa.float32()),
+                    "sim_base": pa.array(sim_base.tolist(), pa.float32()),
+                    "zero_shot_class": [class_keys[i] for i in class_sims.argmax(1).tolist()],
                     "kept": kept,
+                    "drop_reason": pa.array(reasons, pa.string()),
                     "diffusion_model": [manifest["model"]] * n,
                     "clip_model": [scorer.model_id] * n,
                     "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
                 })
                 with atomic_path(storage.scores_file(key, shift_key)) as tmp:
                     pq.write_table(table, tmp)
-                stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift), sum(kept)))
+                stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift.tolist()), sum(kept)))
         sims = torch.cat(all_sims)
         in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
         metadata = {

@@ -15,6 +15,15 @@ from .class_images import class_folders_sensor
 from .partitions import CLASSES
 
 ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db"]
+# then the diagnosis: each classifier's predictions (named "<prefix>/<classifier>"), then its report
+DIAGNOSIS_ORDER = ["real_predictions", "predictions", "diagnosis"]
+
+
+def asset_order(defs: dg.Definitions) -> list[str]:
+    """Every materializable asset of `defs`, upstream first, as user strings (`predictions/judge`)."""
+    names = [k.to_user_string() for k in defs.resolve_asset_graph().materializable_asset_keys]
+    rank = {n: i for i, n in enumerate(ORDER + DIAGNOSIS_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n.split("/")[0], len(rank)), n))
 
 
 class LocalDriver:
@@ -23,6 +32,7 @@ class LocalDriver:
         self.job = defs.resolve_implicit_global_asset_job_def()
         self.cursor = None
         self.runs = 0
+        self.order = asset_order(defs)
         # The evaluator logs every asset at DEBUG on its own handler; keep the console for results.
         logging.getLogger("dagster.automation_condition_tester").setLevel(logging.WARNING)
 
@@ -50,7 +60,7 @@ class LocalDriver:
     def materialize(self, selection: list[str], partition_key=None, tags=None):
         res = self.job.execute_in_process(instance=self.instance, partition_key=partition_key, tags=tags,
                                           run_config=self.run_config,
-                                          asset_selection=[dg.AssetKey(s) for s in selection])
+                                          asset_selection=[dg.AssetKey.from_user_string(s) for s in selection])
         self.runs += 1
         return res
 
@@ -58,14 +68,15 @@ class LocalDriver:
         """One evaluation of every asset's automation condition: what it requests now."""
         result = dg.evaluate_automation_conditions(defs=self.defs, instance=self.instance, cursor=self.cursor)
         self.cursor = result.cursor
-        return {name: set(result.get_requested_partitions(dg.AssetKey(name))) for name in ORDER
-                if result.get_num_requested(dg.AssetKey(name))}
+        keys = {name: dg.AssetKey.from_user_string(name) for name in self.order}
+        return {name: set(result.get_requested_partitions(key)) for name, key in keys.items()
+                if result.get_num_requested(key)}
 
     def execute(self, requested: dict[str, set]) -> None:
         """Run what a tick requested, upstream first, as the daemon would: assets requested for the
         same partitions share a run, and consecutive partitions run as one range."""
         groups: list[tuple[list[str], set]] = []
-        for name in ORDER:
+        for name in self.order:
             keys = requested.get(name)
             if not keys:
                 continue
@@ -84,12 +95,15 @@ class LocalDriver:
                     self.materialize(names, tags={"dagster/asset_partition_range_start": first,
                                                   "dagster/asset_partition_range_end": last})
 
+    def _def(self, name: str) -> dg.AssetsDefinition:
+        return self.defs.resolve_assets_def(dg.AssetKey.from_user_string(name))
+
     def _same_partitions(self, a: str, b: str) -> bool:
-        return self.defs.resolve_assets_def(a).partitions_def == self.defs.resolve_assets_def(b).partitions_def
+        return self._def(a).partitions_def == self._def(b).partitions_def
 
     def _ranges(self, name: str, keys: set) -> list[tuple[str, str]]:
         """Split requested keys into runs of consecutive keys (for class x shift: one class's row)."""
-        order = [str(k) for k in self.defs.resolve_assets_def(name).partitions_def.get_partition_keys(
+        order = [str(k) for k in self._def(name).partitions_def.get_partition_keys(
             dynamic_partitions_store=self.instance)]
         wanted = sorted((order.index(str(k)) for k in keys))
         runs, start = [], wanted[0]

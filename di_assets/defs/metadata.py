@@ -45,3 +45,8 @@ def loss_curve_markdown(losses: list[float], width: int = 320, height: int = 120
         draw.text((6, 4), f"max {hi:.4f}", fill="black")
         draw.text((6, height - 16), f"min {lo:.4f}", fill="black")
     return f"![loss curve]({_data_uri(img)})"
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """A PNG (a chart) as a Markdown image; for run-wide records only, never one per partition."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

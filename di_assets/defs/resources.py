@@ -133,8 +133,19 @@ class GenerationParams(dg.Config):
 
 
 class ScoringParams(dg.Config):
-    min_sim_class: float = Field(default=0.0, description="Images below this class similarity are not kept")
-    min_sim_shift: float = Field(default=0.0, description="Images below this shift similarity are not kept")
+    """The CLIP filter that sets `kept`; every dropped image gets its reasons in `drop_reason`."""
+
+    zero_shot: bool = Field(default=True, description="Keep an image only if CLIP's zero-shot choice among the "
+                                                      "dataset's class captions is its own class")
+    shift_over_base: bool = Field(default=True, description="Keep a shifted image only if it matches its shift "
+                                                            "caption better than the base caption 'a photo'")
+    min_sim_class: Optional[float] = Field(default=None, description="Optional: drop images below this class similarity")
+    min_sim_shift: Optional[float] = Field(default=None, description="Optional: drop images below this shift similarity")
+
+    def rule(self):
+        from di_assets.ml.clip_metric import FilterRule
+
+        return FilterRule(**self.model_dump())
 
 
 class InterfaceParams(dg.ConfigurableResource):

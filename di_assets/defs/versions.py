@@ -15,6 +15,8 @@ ENCODER_ROOT_CODE = "encoder-root-1"
 GENERATION_CODE = "generation-1"
 CLIP_METRIC_CODE = "clip-metric-1"
 SCORES_DB_CODE = "scores-db-1"
+PREDICTIONS_CODE = "predictions-1"
+DIAGNOSIS_CODE = "diagnosis-1"
 
 
 def _digest(obj) -> str:
@@ -31,4 +33,10 @@ def code_versions(settings: Settings, shifts) -> dict[str, str]:
         "counterfactuals": f"{GENERATION_CODE}-{_digest([diffusion, settings.generation, [s.prompt for s in shifts]])}",
         "clip_scores": f"{CLIP_METRIC_CODE}-{_digest([clip, settings.scoring, [s.caption for s in shifts]])}",
         "scores_db": SCORES_DB_CODE,
+        "diagnosis": DIAGNOSIS_CODE,
     }
+
+
+def classifier_version(spec) -> str:
+    """A classifier's predictions go stale when its settings or its weights files change."""
+    return f"{PREDICTIONS_CODE}-{spec.fingerprint()}"

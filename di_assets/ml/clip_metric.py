@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -61,3 +62,40 @@ def get_scorer(model: ModelSpec | None = None) -> ClipScorer:
 def clip_similarity(images, caption: str, *, model: ModelSpec | None = None) -> torch.Tensor:
     """Cosine similarity of each image with `caption`, as in the paper: a 1-D CPU tensor."""
     return get_scorer(model).similarity(list(images), [caption])[:, 0]
+
+
+# ---------------------------------------------------------------- the CLIP filter
+
+BASE_CAPTION = "a photo"  # the base shift's caption: what an image shows when no shift took hold
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """Which counterfactuals to keep. The default needs no constant tuned per model: the image
+    must be CLIP's zero-shot choice among the dataset's class captions, and a shifted image
+    must match its shift caption better than the base caption. Thresholds are optional extras."""
+
+    zero_shot: bool = True
+    shift_over_base: bool = True
+    min_sim_class: float | None = None
+    min_sim_shift: float | None = None
+
+
+def drop_reasons(class_sims: torch.Tensor, own: int, class_keys: Sequence[str], sim_shift: torch.Tensor,
+                 sim_base: torch.Tensor, shift_caption: str, rule: FilterRule = FilterRule()) -> list[str | None]:
+    """Why each image is dropped (None: kept). `class_sims` is (images, classes): the similarity of
+    each image to every class caption of the dataset; `own` is the index of the image's class."""
+    out = []
+    choice = class_sims.argmax(1).tolist() if len(class_sims) else []
+    for i, pick in enumerate(choice):
+        why = []
+        if rule.zero_shot and pick != own:
+            why.append(f"zero-shot: {class_keys[pick]}")
+        if rule.shift_over_base and shift_caption != BASE_CAPTION and sim_shift[i] <= sim_base[i]:
+            why.append("shift not shown")
+        if rule.min_sim_class is not None and class_sims[i, own] < rule.min_sim_class:
+            why.append(f"sim_class < {rule.min_sim_class:g}")
+        if rule.min_sim_shift is not None and sim_shift[i] < rule.min_sim_shift:
+            why.append(f"sim_shift < {rule.min_sim_shift:g}")
+        out.append("; ".join(why) or None)
+    return out

@@ -15,6 +15,7 @@ import torch
 
 from .classes import class_key
 from .encoder_root import create_token_dictionary
+from .imagenet import imagenet_classes
 from .models import ModelSpec
 
 
@@ -35,6 +36,14 @@ def read_token_file(path: Path) -> tuple[str | None, torch.Tensor]:
     raise ValueError(f"{path} holds no single embedding; expected a tensor or a {{token: tensor}} dict")
 
 
+def default_class_names(n: int) -> list[str]:
+    """Names when none are given: the ImageNet-1k first synonyms for the 1000 published tokens
+    (class `i` is ImageNet class `i`), else `class i`."""
+    if n == 1000:
+        return [c.short for c in imagenet_classes()]
+    return [f"class {i}" for i in range(n)]
+
+
 def import_imagenet_star(
     tokens_dir,
     encoder_root,
@@ -42,7 +51,10 @@ def import_imagenet_star(
     class_names: Sequence[str] | None = None,
     model: ModelSpec | None = None,
 ) -> Path:
-    """Build an encoder root from `{i}.bin` files; class `i` keeps index `i`."""
+    """Build an encoder root from `{i}.bin` files; class `i` keeps index `i`.
+
+    Without `class_names`, 1000 tokens are named after the ImageNet-1k classes (first synonym).
+    """
     tokens_dir = Path(tokens_dir)
     files = {int(m.group(1)): p for p in tokens_dir.glob("*.bin") if (m := re.fullmatch(r"(\d+)\.bin", p.name))}
     if not files:
@@ -53,7 +65,7 @@ def import_imagenet_star(
         raise ValueError(f"token files are numbered 0..{n - 1} but {tokens_dir} lacks {missing[:10]}")
     if class_names is not None and len(class_names) != n:
         raise ValueError(f"{len(class_names)} class names given for {n} token files")
-    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(n)]
+    names = list(class_names) if class_names is not None else default_class_names(n)
     embeds, tokens, keys = [], [], []
     for i in range(n):
         token, emb = read_token_file(files[i])

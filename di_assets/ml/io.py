@@ -85,8 +85,8 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_class_images(folder: str | os.PathLike):
-    """Open every readable image in a class folder as RGB.
+def load_class_images(folder: str | os.PathLike, with_files: bool = False):
+    """Open every readable image in a class folder as RGB (with `with_files`: (files, images)).
 
     Corrupt or non-image files are skipped with a warning; a folder with no usable image
     raises a ValueError that names it.
@@ -96,19 +96,20 @@ def load_class_images(folder: str | os.PathLike):
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"class folder {folder} does not exist")
-    images = []
+    files, images = [], []
     for p in sorted(q for q in folder.iterdir() if q.is_file() and not q.name.startswith(".")):
         try:
             with Image.open(p) as im:
                 im.load()
                 images.append(im.convert("RGB"))
+            files.append(p)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             log.warning("skipping %s: not a readable image (%s)", p, exc.__class__.__name__)
     if not images:
         raise ValueError(
             f"class folder {folder} has no readable images; add .jpg/.png files or remove the folder"
         )
-    return images
+    return (files, images) if with_files else images
 
 
 def hash_folder(folder: str | os.PathLike) -> str:

@@ -1,0 +1,160 @@
+"""predictions/<classifier>: a classifier under diagnosis on every counterfactual (class x shift),
+and real_predictions/<classifier>: the same classifier on each class's own images.
+
+One asset pair per classifier, so that adding a classifier evaluates that classifier only, and
+changing one (its settings or its weights file) makes only its predictions stale.
+"""
+
+
+import dataclasses
+
+import dagster as dg
+
+from .class_images import class_images
+from .executors import gpu_tags
+from .partitions import CLASSES, OWNERS, class_and_shift_keys
+from .resources import ModelResource, StorageResource
+
+PREDICTIONS = "predictions"
+REAL_PREDICTIONS = "real_predictions"
+PREDICTION_COLUMNS = {
+    "classifier": "Classifier name (from the settings' `classifiers`)",
+    "class_key": "Class partition key", "class_name": "Class display name", "shift": "Shift key",
+    "seed": "Seed of the generated image", "image_path": "Image file, relative to the storage root",
+    "label": "The classifier's label that the class maps to", "top1": "Predicted label",
+    "top5": "Top-5 predicted labels", "top5_prob": "Their softmax probabilities",
+    "correct1": "top1 is the class's label", "correct5": "The class's label is among the top 5",
+    "kept": "The CLIP filter kept the image", "drop_reason": "Why the CLIP filter dropped it (null when kept)",
+}
+
+
+def prediction_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey([PREDICTIONS, name])
+
+
+def real_prediction_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey([REAL_PREDICTIONS, name])
+
+
+def _load(spec, storage: StorageResource, device: str):
+    """The classifier on this step's device, and the class -> label index map, resolved once per run."""
+    from di_assets.ml.classifiers import load_classifier, map_classes
+
+    classes = storage.classes()
+    if spec.device == "auto":
+        spec = dataclasses.replace(spec, device=device)
+    clf = load_classifier(spec, class_names=[c.name for c in classes.values()])
+    targets = map_classes([(k, c.name) for k, c in classes.items()], clf, spec.mapping)
+    return clf, classes, targets
+
+
+def _mapping_preview(clf, targets: dict, keys) -> dg.MetadataValue:
+    rows = [dg.TableRecord({"class": k, "label": clf.labels[targets[k]]}) for k in list(dict.fromkeys(keys))[:50]]
+    return dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
+        dg.TableColumn("class", "string"), dg.TableColumn("label", "string")]))
+
+
+def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=prediction_key(spec.name),
+        partitions_def=partitions_def,
+        deps=[dg.AssetKey("counterfactuals"), dg.AssetKey("clip_scores")],
+        group_name="diagnosis",
+        owners=OWNERS,
+        code_version=code_version,
+        pool="gpu",
+        op_tags=gpu_tags(),
+        kinds={"pytorch", "parquet"},
+        automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        metadata={"dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn(c, description=d) for c, d in PREDICTION_COLUMNS.items()])},
+        description=f"Classifier `{spec.name}` ({spec.kind}) on every counterfactual: "
+                    f"`predictions/classifier={spec.name}/class=<c>/shift=<s>/part.parquet`",
+    )
+    def predictions(context: dg.AssetExecutionContext, storage: StorageResource,
+                    models: ModelResource) -> dg.MaterializeResult:
+        from datetime import datetime, timezone
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from di_assets.ml.diagnosis import predict_images, prediction_table, predictions_file, read_partition
+        from di_assets.ml.io import atomic_path
+
+        pairs = class_and_shift_keys(context)
+        with models.leased_spec() as mspec:
+            clf, classes, targets = _load(spec, storage, mspec.device)
+            total = correct = kept_total = kept_correct = 0
+            for i, (key, shift) in enumerate(pairs, 1):
+                records, images, verdicts = read_partition(storage.root, key, shift)
+                cols = predict_images(clf, images, targets[key])
+                cols.update(seed=[r["seed"] for r in records],
+                            image_path=[f"images/{key}/{shift}/{r['file']}" for r in records],
+                            kept=[k for k, _ in verdicts], drop_reason=pa.array([r for _, r in verdicts], pa.string()))
+                table = prediction_table(cols, classifier=spec.name, class_key=key, class_name=classes[key].name,
+                                         shift=shift)
+                table = table.append_column("created_at", pa.array([datetime.now(timezone.utc)] * len(records),
+                                                                    pa.timestamp("us", tz="UTC")))
+                with atomic_path(predictions_file(storage.root, spec.name, key, shift)) as tmp:
+                    pq.write_table(table, tmp)
+                total += len(records)
+                correct += sum(cols["correct1"])
+                kept_total += sum(cols["kept"])
+                kept_correct += sum(c and k for c, k in zip(cols["correct1"], cols["kept"]))
+                context.log.info(f"{spec.name}: {key} / {shift}: {sum(cols['correct1'])}/{len(records)} correct "
+                                 f"({i}/{len(pairs)} partitions)")
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": total,
+            "accuracy": correct / total if total else float("nan"),
+            "accuracy_kept": kept_correct / kept_total if kept_total else float("nan"),
+            "kept": kept_total,
+            "class_to_label": _mapping_preview(clf, targets, [k for k, _ in pairs]),
+        })
+
+    return predictions
+
+
+def build_real_predictions(spec, code_version: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=real_prediction_key(spec.name),
+        partitions_def=CLASSES,
+        deps=[class_images],
+        group_name="diagnosis",
+        owners=OWNERS,
+        code_version=code_version,
+        pool="gpu",
+        op_tags=gpu_tags(),
+        kinds={"pytorch", "parquet"},
+        automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        description=f"Classifier `{spec.name}` on each class's own images (the class folder), to tell "
+                    "failures in a shift from failures on generated images",
+    )
+    def real_predictions(context: dg.AssetExecutionContext, storage: StorageResource,
+                         models: ModelResource) -> dg.MaterializeResult:
+        import pyarrow.parquet as pq
+
+        from di_assets.ml.diagnosis import predict_images, prediction_table, real_predictions_file
+        from di_assets.ml.io import atomic_path, load_class_images
+
+        keys = [str(k) for k in context.partition_keys]
+        with models.leased_spec() as mspec:
+            clf, classes, targets = _load(spec, storage, mspec.device)
+            total = correct = 0
+            for key in keys:
+                folder = classes[key].path
+                files, images = load_class_images(folder, with_files=True)
+                cols = predict_images(clf, images, targets[key])
+                cols["file"] = [f.name for f in files]
+                table = prediction_table(cols, classifier=spec.name, class_key=key, class_name=classes[key].name)
+                with atomic_path(real_predictions_file(storage.root, spec.name, key)) as tmp:
+                    pq.write_table(table, tmp)
+                total += len(images)
+                correct += sum(cols["correct1"])
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": total, "accuracy": correct / total if total else float("nan"),
+            "class_to_label": _mapping_preview(clf, targets, keys),
+        })
+
+    return real_predictions
