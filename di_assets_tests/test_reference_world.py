@@ -126,6 +126,10 @@ def test_textual_inversion_learns_the_hidden_shape(tmp_path):
     assert learned["context_of_shift_prompts"] >= 0.6
 
 
+# the shifts the reference world knows how to draw (its contexts)
+WORLD_SHIFTS = ["base", "in_the_grass", "in_the_beach", "in_the_snow", "in_the_water", "at_night"]
+
+
 @pytest.mark.slow
 def test_example_run_on_the_reference_world(tmp_path):
     """End to end, as a user runs the main command: each class's counterfactuals are closer to
@@ -137,12 +141,13 @@ def test_example_run_on_the_reference_world(tmp_path):
     from di_assets.ml.models import ModelSpec
     from di_assets.ml.shifts import class_caption
 
-    store, shifts = tmp_path / "store", ["base", "in_the_grass", "in_the_snow", "at_night"]
+    store, shifts = tmp_path / "store", WORLD_SHIFTS
     (tmp_path / "home").mkdir()
     p = subprocess.run([sys.executable, "-m", "di_assets.cli", "run", "--storage", str(store),
-                        "--shifts", ",".join(shifts)], capture_output=True, text=True,
+                        "--shifts", ",".join(shifts), "--num-samples", "8"], capture_output=True, text=True,
                        env={**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "diagnosis: the CLIP filter kept" in p.stdout and "diagnosed: base accuracy" in p.stdout
     classes = sorted(d.name for d in EXAMPLE.iterdir() if d.is_dir())
     sheet = Image.open(store / "counterfactuals.png")
     assert sheet.width >= 64 * len(shifts) and sheet.height >= 64 * len(classes)
@@ -159,3 +164,17 @@ def test_example_run_on_the_reference_world(tmp_path):
         table = con.execute("SELECT avg(sim_class) FROM scores WHERE class_key = ?", [c]).fetchone()[0]
         assert table == pytest.approx(mean[i].item(), abs=1e-4)
         assert mean[i] == mean.max(), f"{c}: mean sim to {dict(zip(classes, mean.tolist()))}"
+
+    # The known answer of the diagnosis: the classifier trained on grass and beach fails at night
+    # and in the water, significantly; the judge, trained on every context, fails nowhere.
+    failures = con.execute("SELECT classifier, shift, drop, significant FROM shift_failures "
+                           "WHERE shift <> 'base' ORDER BY classifier, drop DESC").fetchall()
+    diagnosed = [r for r in failures if r[0] == "diagnosed"]
+    assert {r[1] for r in diagnosed[:2]} == {"at_night", "in_the_water"}, diagnosed
+    assert diagnosed[0][3] and diagnosed[1][3], diagnosed
+    assert not any(r[3] for r in failures if r[0] == "judge"), failures
+    # the filter kept most images, and the report shows both classifiers
+    kept, total = con.execute("SELECT count(*) FILTER (kept), count(*) FROM predictions").fetchone()
+    assert total == 2 * len(classes) * len(shifts) * 8 and kept > 0.5 * total
+    html = (store / "diagnosis" / "report.html").read_text()
+    assert "diagnosed" in html and "judge" in html and "at_night" in html

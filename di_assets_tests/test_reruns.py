@@ -26,15 +26,28 @@ SHIFTS = ["base", "at_night"]
 
 class World(LocalDriver):
     def __init__(self, tmp: Path, instance):
+        self.tmp = tmp
         self.data = copy_classes(tmp / "data", classes=("circle", "square", "star"), per_class=4)
-        self.settings = Settings.load(dataset=str(self.data), storage=str(tmp / "store"), shifts=SHIFTS,
-                                      textual_inversion={"steps": 4}, generation={"num_samples": 2})
+        self.settings = self.with_classifiers(JUDGE)
         super().__init__(build_defs(self.settings), instance)
         self.store = Path(self.settings.storage)
 
+    def with_classifiers(self, *classifiers) -> Settings:
+        return Settings.load(dataset=str(self.data), storage=str(self.tmp / "store"), shifts=SHIFTS,
+                             textual_inversion={"steps": 4}, generation={"num_samples": 2},
+                             classifiers=list(classifiers))
+
+    def redefine(self, settings: Settings) -> None:
+        """The code location reloaded with other settings; automation keeps its cursor."""
+        cursor = self.cursor
+        self.settings = settings
+        super().__init__(build_defs(settings), self.instance)
+        self.cursor = cursor
+
     def digest(self, key: str) -> str:
         h = hashlib.sha256()
-        for root in (self.store / "tokens" / key, self.store / "images" / key, self.store / "scores" / f"class={key}"):
+        for root in (self.store / "tokens" / key, self.store / "images" / key, self.store / "scores" / f"class={key}",
+                     *self.store.glob(f"predictions/classifier=*/class={key}")):
             for p in sorted(root.rglob("*")):
                 if p.is_file():
                     h.update(str(p.relative_to(self.store)).encode() + p.read_bytes())
@@ -53,6 +66,9 @@ class World(LocalDriver):
         return buf.getvalue()
 
 
+JUDGE = {"name": "judge", "kind": "reference", "model": "judge", "device": "cpu"}
+
+
 def grid(cls):
     return {f"{cls}|{s}" for s in SHIFTS}
 
@@ -68,6 +84,7 @@ def world(tmp_path_factory):
         first = w.settle()  # new classes are materialized by automation alone
         assert first["class_token"] == {"circle", "square", "star"}
         assert first["counterfactuals"] == grid("circle") | grid("square") | grid("star")
+        assert first["predictions/judge"] == first["counterfactuals"] and first["diagnosis"] == {None}
         yield w
 
 
@@ -80,6 +97,7 @@ def test_a_changed_class_reruns_only_its_own_partitions(world):
     assert requested == {
         "class_token": {"square"}, "encoder_root": {None}, "counterfactuals": grid("square"),
         "clip_scores": grid("square"), "scores_db": {None},
+        "real_predictions/judge": {"square"}, "predictions/judge": grid("square"), "diagnosis": {None},
     }
     after = {c: world.digest(c) for c in before}
     assert after["circle"] == before["circle"] and after["star"] == before["star"]  # byte for byte
@@ -89,15 +107,45 @@ def test_a_changed_class_reruns_only_its_own_partitions(world):
 
 
 def test_a_new_class_is_added_materialized_and_queryable(world):
+    import random
+
+    from di_assets.reference_world.world import Item, draw
+
     indices = world.indices()
-    shutil.copytree(EXAMPLE / "star", world.data / "wedge")
+    (world.data / "heart").mkdir()
+    rng = random.Random(0)
+    for i in range(4):  # a shape the judge knows, drawn by the reference world
+        draw(Item("heart", "purple", "plain"), rng).save(world.data / "heart" / f"heart_{i}.png")
     result = world.sensor()
-    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [["wedge"]]
+    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [["heart"]]
     requested = world.settle()
-    assert requested["class_token"] == {"wedge"} and requested["counterfactuals"] == grid("wedge")
-    assert world.indices() == {**indices, "wedge": 3}  # old indices unchanged
-    out = world.query("SELECT count(*) AS n FROM scores WHERE class_key = 'wedge'")
+    assert requested["class_token"] == {"heart"} and requested["counterfactuals"] == grid("heart")
+    assert requested["predictions/judge"] == grid("heart") and requested["real_predictions/judge"] == {"heart"}
+    assert world.indices() == {**indices, "heart": 3}  # old indices unchanged
+    out = world.query("SELECT count(*) AS n FROM scores WHERE class_key = 'heart'")
     assert out.splitlines()[2].strip() == str(2 * len(SHIFTS))
+    out = world.query("SELECT real_images, real_accuracy FROM real_vs_base WHERE class_key = 'heart'")
+    assert out.splitlines()[2].split() == ["4", "1.0000"]  # the judge knows real hearts
+
+
+def test_a_new_classifier_is_evaluated_alone_and_a_changed_one_reruns_alone(world):
+    second = {"name": "second", "kind": "reference", "model": "diagnosed", "device": "cpu"}
+    world.redefine(world.with_classifiers(JUDGE, second))
+    requested = world.settle()
+    everything = {k for k in world.instance.get_dynamic_partitions(CLASSES.name)}
+    assert set(requested) == {"predictions/second", "real_predictions/second", "diagnosis"}
+    assert requested["real_predictions/second"] == everything
+    out = world.query("SELECT DISTINCT classifier FROM accuracy ORDER BY 1")
+    assert [line.strip() for line in out.splitlines()[2:]] == ["judge", "second"]
+    judge_files = {p: p.stat().st_mtime_ns for p in world.store.glob("predictions/classifier=judge/*/*/*.parquet")}
+
+    world.redefine(world.with_classifiers(JUDGE, {**second, "model": "judge"}))  # `second` changes
+    requested = world.settle()
+    assert set(requested) == {"predictions/second", "real_predictions/second", "diagnosis"}
+    assert judge_files == {p: p.stat().st_mtime_ns
+                           for p in world.store.glob("predictions/classifier=judge/*/*/*.parquet")}
+    world.redefine(world.with_classifiers(JUDGE))
+    assert world.settle() == {}
 
 
 def test_a_removed_class_leaves_the_views_and_goes_to_trash(world):
@@ -109,6 +157,9 @@ def test_a_removed_class_leaves_the_views_and_goes_to_trash(world):
     assert "star" not in out and "circle" in out
     trashed = list((world.store / "trash").glob("*-star"))
     assert len(trashed) == 1 and list(trashed[0].glob("scores/class=star/shift=*/part.parquet"))
+    assert list(trashed[0].glob("predictions/classifier=judge/class=star/shift=*/part.parquet"))
+    out = world.query("SELECT DISTINCT class_key FROM predictions ORDER BY 1")
+    assert "star" not in out and "circle" in out
     assert not (world.store / "tokens" / "star").exists()
     assert world.settle() == {}
 

@@ -28,6 +28,14 @@ PREDICTION_COLUMNS = {
 }
 
 
+def eager_or_new_code() -> dg.AutomationCondition:
+    """Eager, and also when the classifier's code version (its settings or weights) changed."""
+    AC = dg.AutomationCondition
+    return ((AC.newly_missing() | AC.any_deps_updated() | AC.code_version_changed()).since_last_handled()
+            & ~AC.any_deps_missing() & ~AC.any_deps_in_progress() & ~AC.in_progress()
+            ).with_label("eager, or the classifier changed")
+
+
 def prediction_key(name: str) -> dg.AssetKey:
     return dg.AssetKey([PREDICTIONS, name])
 
@@ -65,7 +73,7 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
         pool="gpu",
         op_tags=gpu_tags(),
         kinds={"pytorch", "parquet"},
-        automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+        automation_condition=eager_or_new_code(),
         backfill_policy=dg.BackfillPolicy.single_run(),
         metadata={"dagster/column_schema": dg.TableSchema(
             columns=[dg.TableColumn(c, description=d) for c, d in PREDICTION_COLUMNS.items()])},
@@ -126,7 +134,7 @@ def build_real_predictions(spec, code_version: str) -> dg.AssetsDefinition:
         pool="gpu",
         op_tags=gpu_tags(),
         kinds={"pytorch", "parquet"},
-        automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+        automation_condition=eager_or_new_code(),
         backfill_policy=dg.BackfillPolicy.single_run(),
         description=f"Classifier `{spec.name}` on each class's own images (the class folder), to tell "
                     "failures in a shift from failures on generated images",

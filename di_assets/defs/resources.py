@@ -51,7 +51,10 @@ class StorageResource(dg.ConfigurableResource):
 
     def class_artifacts(self, key: str) -> list[Path]:
         root = Path(self.root)
-        return [self.token_dir(key), root / "images" / key, root / "scores" / f"class={key}"]
+        # every classifier's predictions of the class too, so that they leave the diagnosis views
+        predictions = sorted(root.glob(f"predictions/classifier=*/class={key}")) + sorted(
+            root.glob(f"real_predictions/classifier=*/class={key}"))
+        return [self.token_dir(key), root / "images" / key, root / "scores" / f"class={key}", *predictions]
 
     def retire_class(self, key: str) -> Path | None:
         """Move a removed class's token, images and scores to trash/ (or delete them); return where."""

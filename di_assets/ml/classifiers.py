@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 KINDS = ("reference", "torchvision", "timm", "hf", "open_clip", "entry_point")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# the shipped reference-world weights (as in reference_world.train_classifier, without importing torch)
+REFERENCE_WEIGHTS = Path(__file__).resolve().parent.parent / "reference_world" / "weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -93,9 +95,9 @@ class ClassifierSpec:
         """The local files this spec reads (folders walked), as far as known without loading."""
         paths = [self.weights, self.labels, self.mapping]
         if self.kind == "reference":
-            from di_assets.reference_world.train_classifier import WEIGHTS
-
-            paths.append(str(WEIGHTS / f"{self.model or 'diagnosed'}.safetensors"))
+            paths.append(REFERENCE_WEIGHTS / f"{self.model or 'diagnosed'}.safetensors")
+        if self.kind == "open_clip" and self.family == "tiny" and not self.model and not self.weights:
+            paths.append(REFERENCE_WEIGHTS / "clip.safetensors")  # the tiny scorer's shipped weights
         if self.kind == "entry_point" and self.model and _ENTRY_POINT.fullmatch(self.model):
             try:  # the module's source file, without running it (parent packages do import)
                 found = importlib.util.find_spec(self.model.split(":")[0])
@@ -146,11 +148,10 @@ class Classifier:
             for start in range(0, len(images), self.spec.batch_size):
                 batch = images[start:start + self.spec.batch_size]
                 try:
-                    y = self._forward(batch)
+                    y = torch.as_tensor(self._forward(batch)).detach().float().cpu()
                 except Exception as exc:  # the model refused the images: say which model, in one line
                     raise ValueError(f"classifier '{self.name}' ({self.spec.kind}) failed on these images: "
                                      f"{_one_line(exc)}") from exc
-                y = torch.as_tensor(y).detach().float().cpu()
                 if y.ndim != 2 or y.shape != (len(batch), len(self.labels)):
                     raise ValueError(f"classifier '{self.name}' returned logits of shape {tuple(y.shape)} for "
                                      f"{len(batch)} images; expected ({len(batch)}, {len(self.labels)}): one column per label")
@@ -160,7 +161,9 @@ class Classifier:
 
 def load_classifier(spec: ClassifierSpec, class_names: Sequence[str] | None = None) -> Classifier:
     """Load a classifier once per process (again when one of its files changes)."""
-    names = tuple(class_names) if class_names is not None else None
+    # only zero-shot and entry-point classifiers depend on the class names; the others load once for any
+    uses_names = spec.kind in ("open_clip", "entry_point")
+    names = tuple(class_names) if class_names is not None and uses_names else None
     return _load_cached(spec, names, spec.fingerprint())
 
 
@@ -282,7 +285,8 @@ def _labels_for(spec: ClassifierSpec, outputs: int | None) -> tuple[list[str], l
     if outputs == 1000:
         classes = imagenet_classes()
         return [c.name for c in classes], [c.wnid for c in classes]
-    raise ValueError(f"classifier '{spec.name}': the weights have {outputs} outputs, not ImageNet-1k's 1000; set "
+    found = "no classifier head in the weights" if outputs is None else f"the weights have {outputs} outputs"
+    raise ValueError(f"classifier '{spec.name}': {found}, not ImageNet-1k's 1000; set "
                      f"{spec.setting('labels')} to a text file with one label name per line, in output order")
 
 
@@ -347,15 +351,19 @@ def _load_hf(spec, class_names):
                                 f"(set {spec.setting('weights')} to a save_pretrained folder)")
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
-    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"classifier '{spec.name}': cannot load an image classifier and its image processor "
+                         f"from {folder} ({_one_line(exc)})") from exc
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     labels = [id2label[i] for i in range(len(id2label))]
     device = _device(spec)
     model.to(device).eval().requires_grad_(False)
 
     def forward(images):
-        x = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"] * 0.5
+        x = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         return model(pixel_values=x.to(device)).logits
 
     return Classifier(spec, labels, forward)
