@@ -161,6 +161,8 @@ def test_a_removed_class_leaves_the_views_and_goes_to_trash(world):
     out = world.query("SELECT DISTINCT class_key FROM predictions ORDER BY 1")
     assert "star" not in out and "circle" in out
     assert not (world.store / "tokens" / "star").exists()
+    assert world.settle() == {"diagnosis": {None}}  # the report follows the rebuilt views
+    assert "star" not in (world.store / "diagnosis" / "report.html").read_text()
     assert world.settle() == {}
 
 

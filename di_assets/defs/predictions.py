@@ -29,11 +29,17 @@ PREDICTION_COLUMNS = {
 
 
 def eager_or_new_code() -> dg.AutomationCondition:
-    """Eager, and also when the classifier's code version (its settings or weights) changed."""
+    """Eager, and also when the classifier's code version (its settings or weights) changed.
+
+    A classifier added to the settings is a new asset; Dagster's eager condition leaves what was
+    missing at its first evaluation alone, so a missing partition whose images exist runs too
+    (unless its last run failed: then it waits for a change).
+    """
     AC = dg.AutomationCondition
-    return ((AC.newly_missing() | AC.any_deps_updated() | AC.code_version_changed()).since_last_handled()
+    return (((AC.newly_missing() | AC.any_deps_updated() | AC.code_version_changed()).since_last_handled()
+             | (AC.missing() & ~AC.execution_failed()))
             & ~AC.any_deps_missing() & ~AC.any_deps_in_progress() & ~AC.in_progress()
-            ).with_label("eager, or the classifier changed")
+            ).with_label("eager, or the classifier is new or changed")
 
 
 def prediction_key(name: str) -> dg.AssetKey:
