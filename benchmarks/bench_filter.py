@@ -7,8 +7,8 @@ the filter kept.
 
 precision: among kept images, the share the judge calls the right shape (failed generations
 dropped); recall: among images the judge calls right, the share kept (good images not lost).
-Each rule is computed from the same scores (`sim_base` and `zero_shot_class` are stored), so
-the default rule is shown beside its parts and the old rule (keep everything).
+Each rule is computed from the same scores (`zero_shot_class`, `sim_class_floor` and `sim_base`
+are stored), so the default rule is shown beside its parts and the old rule (keep everything).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
 
     con = duckdb.connect(str(storage / "scores.duckdb"), read_only=True)
     rows = con.execute("SELECT class_key, shift, image_path, kept, zero_shot_class = class_key AS zs, "
-                       "shift = 'base' OR sim_shift > sim_base AS sb FROM scores ORDER BY ALL").fetchall()
+                       "shift = 'base' OR sim_shift > sim_base AS sb, "
+                       "sim_class_floor IS NULL OR sim_class >= sim_class_floor AS fl FROM scores ORDER BY ALL").fetchall()
     images = []
     for r in rows:
         with Image.open(r[2]) as im:
@@ -51,8 +52,10 @@ def main(argv=None) -> int:
     rules = {
         "keep all (old default)": [True] * len(rows),
         "zero-shot class only": [r[4] for r in rows],
+        "calibrated class floor only": [r[6] for r in rows],
+        "zero-shot and floor": [r[4] and r[6] for r in rows],
         "shift beats base only": [r[5] for r in rows],
-        "default: both (as stored in `kept`)": [r[3] for r in rows],
+        "default: all three (as stored in `kept`)": [r[3] for r in rows],
     }
     print(f"\n{len(rows)} images, {sum(right)} of them the right shape by the judge ({sum(right) / len(rows):.1%})\n")
     print(f"| rule | shifts | kept | precision (judge right among kept) | recall (kept among judge right) |")

@@ -6,13 +6,16 @@ so that `dagster dev` loads the code location quickly.
 
 __version__ = "0.1.0"
 
-__all__ = ["run_textual_inversion", "create_token_dictionary", "generate", "clip_similarity",
-           "import_imagenet_star", "ModelSpec"]
+__all__ = ["run_textual_inversion", "create_token_dictionary", "generate", "clip_similarity", "evaluate",
+           "import_imagenet_star", "ModelSpec", "ClassifierSpec"]
 
 
 def __getattr__(name):
     if name in __all__:
-        from di_assets import ml
+        import importlib
 
-        return getattr(ml, name)
+        from di_assets.ml import _EXPORTS
+
+        # from the defining module itself: `di_assets.ml.generate` is also a submodule's name
+        return getattr(importlib.import_module(f"di_assets.ml.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'di_assets' has no attribute {name!r}")

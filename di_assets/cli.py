@@ -56,6 +56,7 @@ def cmd_run(args) -> int:
     from di_assets.ml.shifts import select_shifts
 
     settings = _settings(args)
+    _check_classifier_files(settings)  # before hours of work, not after
     storage = Path(settings.storage)
     shifts = [s.key for s in select_shifts(settings.shifts)]
     defs = build_defs(settings)
@@ -67,9 +68,13 @@ def cmd_run(args) -> int:
 
     def step(label, selection, **kw):
         t = time.time()
-        job.execute_in_process(instance=instance, run_config=log_config,
-                               asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s)
-                                                for s in selection], **kw)
+        try:
+            job.execute_in_process(instance=instance, run_config=log_config,
+                                   asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s)
+                                                    for s in selection], **kw)
+        except dg.DagsterExecutionStepExecutionError as exc:  # the stage's own error, in one line
+            cause = exc.user_exception or exc
+            raise SystemExit(f"error: {label.split(':')[0]} failed: {str(cause).strip().splitlines()[0]}") from None
         print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
 
     def over(first, last):  # one run over a range of partitions: models load once for all of them
@@ -137,8 +142,18 @@ def _print_diagnosis(db: Path, shifts: list[str]) -> None:
         base = next((r for r in mine if r[1] == "base"), None)
         print(f"\n  {name}: base accuracy {base[2]:.3f}" if base else f"\n  {name}:")
         _print_table(["shift", "accuracy", "drop", "95% interval", "classes dropping"], [
-            (r[1], r[2], f"{r[3]:+.3f}{' *' if r[6] else ''}", f"[{r[4]:+.3f}, {r[5]:+.3f}]", f"{r[7]}/{r[8]}")
+            (r[1], f"{r[2]:.3f}", f"{r[3]:+.3f}{' *' if r[6] else ''}", f"[{r[4]:+.3f}, {r[5]:+.3f}]", f"{r[7]}/{r[8]}")
             for r in worst], indent="    ")
+
+
+def _check_classifier_files(settings) -> None:
+    """Every local file a classifier under diagnosis needs exists (nothing is ever downloaded)."""
+    for spec in settings.classifier_specs():
+        for key in ("weights", "labels", "mapping"):
+            path = getattr(spec, key)
+            local = spec.kind in ("torchvision", "timm", "hf") or key != "weights"
+            if path and local and not Path(path).exists():
+                raise SystemExit(f"error: {spec.setting(key)}: {path} does not exist")
 
 
 def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -> Path:

@@ -60,6 +60,8 @@ class Settings:
                     data[k] = str((p.parent / data[k]).resolve())
             if isinstance(data.get("shifts"), str) and not Path(data["shifts"]).is_absolute():
                 data["shifts"] = str((p.parent / data["shifts"]).resolve())
+            if isinstance(data.get("classifiers"), list):
+                data["classifiers"] = [_resolve_classifier_paths(c, p.parent) for c in data["classifiers"]]
         data.update({k: v for k, v in overrides.items() if v is not None})
         s = cls(**data)
         s.dataset = str(Path(s.dataset).resolve())
@@ -82,6 +84,20 @@ class Settings:
         if dupes:
             raise ValueError(f"classifier names must be unique; repeated: {dupes}")
         return specs
+
+
+def _resolve_classifier_paths(item, base: Path):
+    """A classifier's local files, relative to the settings file (an open_clip tag stays a tag)."""
+    if not isinstance(item, dict):
+        return item
+    item = dict(item)
+    for key in ("weights", "labels", "mapping"):
+        value = item.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base / value
+            if key != "weights" or item.get("kind") in ("torchvision", "timm", "hf") or candidate.exists():
+                item[key] = str(candidate.resolve())
+    return item
 
 
 # The embedded default's models under diagnosis: the reference world's shape classifier trained on

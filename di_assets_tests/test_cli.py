@@ -17,7 +17,7 @@ def di(*args, env=None, check=True):
     return p
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["query"], ["import-imagenet-star"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["query"], ["report"], ["import-imagenet-star"]])
 def test_every_command_has_help(cmd):
     out = di(*cmd, "--help").stdout
     assert out.startswith("usage: di-assets") and "--help" in out
@@ -61,3 +61,20 @@ def test_query_before_any_run_says_what_to_do(tmp_path):
 def test_missing_config_file_is_one_clear_line(tmp_path):
     p = di("run", "--config", str(tmp_path / "nope.yaml"), check=False)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+
+
+def test_a_missing_classifier_file_stops_before_any_work(tmp_path):
+    data = copy_classes(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"dataset: {data}\nstorage: store\nclassifiers:\n"
+                   "  - {name: r18, kind: torchvision, model: resnet18, weights: models/r18.safetensors}\n")
+    p = di("run", "--config", str(cfg), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: classifiers[r18].weights: {tmp_path / 'models' / 'r18.safetensors'} does not exist")
+    assert not (tmp_path / "store" / "tokens").exists()  # no stage ran
+
+
+def test_report_before_any_diagnosis_says_what_to_do(tmp_path):
+    p = di("report", "--storage", str(tmp_path), check=False)
+    assert p.returncode != 0 and "di-assets run" in p.stderr and "Traceback" not in p.stderr

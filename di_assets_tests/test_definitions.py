@@ -14,20 +14,46 @@ def test_definitions_load_with_every_stage(tmp_path):
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"class_images", "class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db"}
+    # the embedded default diagnoses the reference world's two classifiers
+    assert keys == {"class_images", "class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db",
+                    "predictions/diagnosed", "predictions/judge", "real_predictions/diagnosed",
+                    "real_predictions/judge", "diagnosis"}
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {("class_token", "token_is_finite_with_sane_norm"),
                       ("counterfactuals", "has_expected_image_count"), ("clip_scores", "scores_in_range")}
     grid = defs.resolve_assets_def("counterfactuals").partitions_def
     assert [d.name for d in grid.partitions_defs] == ["class", "shift"]
     assert len(grid.partitions_defs[1].partitions_def.get_partition_keys()) == 24  # base + 23 ImageNet* shifts
-    for key in ("class_token", "counterfactuals", "clip_scores"):
-        node = defs.resolve_assets_def(key).node_def
+    for key in ("class_token", "counterfactuals", "clip_scores", "predictions/judge", "real_predictions/judge"):
+        node = defs.resolve_assets_def(dg.AssetKey.from_user_string(key)).node_def
         assert node.pool == "gpu"
         assert "nvidia.com/gpu" in str(node.tags["dagster-k8s/config"])
     for key in keys - {"class_images"}:  # a source asset has neither code version nor owners
-        assert defs.resolve_assets_def(key).code_versions_by_key[dg.AssetKey(key)]
-        assert graph.get(dg.AssetKey(key)).owners == ["team:dataset-interfaces"]
+        asset_key = dg.AssetKey.from_user_string(key)
+        assert defs.resolve_assets_def(asset_key).code_versions_by_key[asset_key]
+        assert graph.get(asset_key).owners == ["team:dataset-interfaces"]
+    # each classifier's predictions depend on the images and their scores, partition by partition
+    preds = defs.resolve_assets_def(dg.AssetKey(["predictions", "judge"]))
+    assert preds.partitions_def == grid
+    assert {k.to_user_string() for k in preds.dependency_keys} == {"counterfactuals", "clip_scores"}
+    assert {k.to_user_string() for k in defs.resolve_assets_def("diagnosis").dependency_keys} == {
+        "scores_db", "predictions/diagnosed", "predictions/judge", "real_predictions/diagnosed",
+        "real_predictions/judge"}
+
+
+def test_classifiers_in_settings(tmp_path):
+    sd = build_defs(Settings.load(storage=str(tmp_path), models={"family": "sd"}))
+    assert not any(k.path[0] in ("predictions", "diagnosis") for k in sd.resolve_asset_graph().get_all_asset_keys())
+    one = Settings.load(storage=str(tmp_path), classifiers=[{"name": "mine", "kind": "reference", "model": "judge"}])
+    keys = {k.to_user_string() for k in build_defs(one).resolve_asset_graph().get_all_asset_keys()}
+    assert {"predictions/mine", "real_predictions/mine", "diagnosis"} <= keys and "predictions/judge" not in keys
+    for bad, message in [([{"name": "a b", "kind": "reference"}], "must match"),
+                         ([{"name": "x", "kind": "keras"}], "unknown kind"),
+                         ([{"name": "x", "kind": "reference", "wieghts": "w"}], "unknown keys"),
+                         ([{"name": "x", "kind": "reference"}, {"name": "x", "kind": "reference"}], "unique"),
+                         ("judge", "must be a list")]:
+        with pytest.raises(ValueError, match=message):
+            Settings.load(storage=str(tmp_path), classifiers=bad).classifier_specs()
 
 
 def test_definitions_module_loads_without_torch(tmp_path):

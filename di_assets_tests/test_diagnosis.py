@@ -176,3 +176,14 @@ def test_views_exist_before_any_real_images_were_evaluated(tmp_path):
     create_views(con, root)
     assert con.execute("SELECT count(*) FROM real_vs_base").fetchone() == (0,)
     assert con.execute("SELECT accuracy FROM accuracy").fetchone() == (0.5,)
+
+
+def test_the_paper_api_exports_functions_not_submodules():
+    import importlib
+
+    importlib.import_module("di_assets.ml.generate")  # a submodule of the same name, already imported
+    from di_assets import evaluate as ev
+    from di_assets import generate
+
+    assert callable(generate) and generate.__name__ == "generate"
+    assert ev is evaluate

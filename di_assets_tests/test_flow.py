@@ -127,3 +127,62 @@ def test_class_images_data_versions(flow):
     versions = {r.partition_key: r.asset_observation.tags.get("dagster/data_version") for r in record.records}
     assert versions["circle"] == hash_folder(f"{settings.dataset}/circle")
     assert versions["hot_dog_frank"] != versions["circle"]
+
+
+def test_predictions_and_diagnosis(flow, tmp_path):
+    """A classifier under diagnosis, with a mapping file for the odd class name; then a classifier
+    whose labels match no class fails in one line, and the predictions already written stay."""
+    import dataclasses
+    from pathlib import Path
+
+    settings, _, _, instance = flow
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("circle: circle\nhot dog, frank: square\n")
+    judge = {"name": "judge", "kind": "reference", "model": "judge", "device": "cpu"}
+    good = dataclasses.replace(settings, classifiers=[{**judge, "mapping": str(mapping)}])
+    assets, resources = build_assets(good), build_resources(good)
+    keys = [dg.MultiPartitionKey({"class": c, "shift": s}) for c in ("circle", "hot_dog_frank") for s in SHIFTS]
+    for key in keys:
+        assert dg.materialize(assets, selection=[dg.AssetKey(["predictions", "judge"])], partition_key=key,
+                              instance=instance, resources=resources).success
+    for c in ("circle", "hot_dog_frank"):
+        assert dg.materialize(assets, selection=[dg.AssetKey(["real_predictions", "judge"])], partition_key=c,
+                              instance=instance, resources=resources).success
+    assert dg.materialize(assets, selection=["diagnosis"], instance=instance, resources=resources).success
+
+    store = Path(settings.storage)
+    files = sorted(store.glob("predictions/classifier=judge/class=*/shift=*/part.parquet"))
+    assert len(files) == 4
+    rows = pq.read_table(store / "predictions/classifier=judge/class=hot_dog_frank/shift=in_the_snow/part.parquet")
+    rows = rows.to_pylist()
+    assert len(rows) == N and {r["label"] for r in rows} == {"square"}  # from the mapping file
+    assert [r["image_path"] for r in rows] == [f"images/hot_dog_frank/in_the_snow/{s}.png" for s in range(N)]
+    scores = pq.read_table(store / "scores/class=hot_dog_frank/shift=in_the_snow/part.parquet").to_pylist()
+    assert [r["kept"] for r in rows] == [r["kept"] for r in scores]  # the CLIP filter's verdict, per seed
+    con = duckdb.connect(str(store / "scores.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*), count(DISTINCT class_key) FROM predictions").fetchone() == (4 * N, 2)
+    assert con.execute("SELECT count(*) FROM shift_failures WHERE classifier = 'judge'").fetchone()[0] >= 1
+    real = dict(con.execute("SELECT class_key, real_images FROM real_vs_base").fetchall())
+    assert real == {"circle": 8, "hot_dog_frank": 8}
+    con.close()
+    assert (store / "diagnosis" / "report.html").stat().st_size > 10_000
+    record = instance.get_latest_materialization_event(dg.AssetKey("diagnosis")).asset_materialization
+    assert record.metadata["worst_shifts"].value.records[0].data["classifier"] == "judge"
+    assert "data:image/png;base64," in record.metadata["accuracy_per_shift_judge"].value
+
+    from di_assets.cli import main
+
+    assert main(["report", "--storage", str(store), "--out", str(tmp_path / "r.html")]) == 0
+    assert "judge" in (tmp_path / "r.html").read_text()
+
+    before = {f: f.read_bytes() for f in files}
+    bad = dataclasses.replace(settings, classifiers=[judge])  # no mapping: "hot dog, frank" is no shape
+    result = dg.materialize(build_assets(bad), selection=[dg.AssetKey(["predictions", "judge"])],
+                            partition_key=keys[0], instance=instance, resources=build_resources(bad),
+                            raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else \
+        failure.step_failure_data.error.message
+    assert "hot" in message and "nearest labels" in message and message.strip().count("\n") == 0, message
+    assert before == {f: f.read_bytes() for f in files}  # nothing already written is lost

@@ -32,8 +32,8 @@ from di_assets_tests.conftest import copy_classes
 pytestmark = [pytest.mark.slow, pytest.mark.ui]
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ["class_images", "class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db"]
-GROUPS = ["interface", "counterfactuals", "metrics"]
+ASSETS = ["class_images", "class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db", "diagnosis"]
+GROUPS = ["interface", "counterfactuals", "metrics", "diagnosis"]
 KINDS = ["PyTorch", "Parquet", "DuckDB"]
 CLASSES = ["circle", "square"]
 NUM_SAMPLES = 2

@@ -46,8 +46,8 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         import torch
         from PIL import Image
 
-        from di_assets.ml.clip_metric import BASE_CAPTION, drop_reasons, get_scorer
-        from di_assets.ml.io import atomic_path
+        from di_assets.ml.clip_metric import BASE_CAPTION, class_floor, drop_reasons, get_scorer
+        from di_assets.ml.io import atomic_path, load_class_images
 
         classes = storage.classes()  # once per run: every class caption takes part in the zero-shot filter
         class_keys = list(classes)
@@ -57,7 +57,12 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
             rule = params.scoring.rule()
-            stats, all_sims = [], []
+            stats, all_sims, real_sim = [], [], {}
+            if rule.calibrated:  # what a match looks like for this model: the class's real images, once per run
+                for key in dict.fromkeys(k for k, _ in class_and_shift_keys(context)):
+                    if key in classes:
+                        real = load_class_images(classes[key].path, limit=params.scoring.real_images)
+                        real_sim[key] = scorer.similarity(real, [captions[index[key]]])[:, 0].median().item()
             for key, shift_key in class_and_shift_keys(context):
                 shift = by_key[shift_key]
                 folder = storage.images_dir(key, shift_key)
@@ -73,7 +78,8 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                 sims = scorer.similarity(images, captions + [shift.caption, BASE_CAPTION])
                 class_sims, sim_shift, sim_base = sims[:, :-2], sims[:, -2], sims[:, -1]
                 all_sims.append(torch.cat([class_sims[:, own:own + 1], sims[:, -2:]], 1))
-                reasons = drop_reasons(class_sims, own, class_keys, sim_shift, sim_base, shift.caption, rule)
+                floor = class_floor(class_sims, own, real_sim.get(key))
+                reasons = drop_reasons(class_sims, own, class_keys, sim_shift, sim_base, shift.caption, rule, floor)
                 sim_class = class_sims[:, own].tolist()
                 kept = [r is None for r in reasons]
                 n = len(images)
@@ -87,6 +93,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                     "sim_shift": pa.array(sim_shift.tolist(), pa.float32()),
                     "sim_base": pa.array(sim_base.tolist(), pa.float32()),
                     "zero_shot_class": [class_keys[i] for i in class_sims.argmax(1).tolist()],
+                    "sim_class_floor": pa.array([floor] * n, pa.float32()),
                     "kept": kept,
                     "drop_reason": pa.array(reasons, pa.string()),
                     "diffusion_model": [manifest["model"]] * n,

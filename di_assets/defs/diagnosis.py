@@ -45,7 +45,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
 
         from di_assets.ml.diagnosis import PREDICTIONS_DIR, create_views
         from di_assets.ml.io import atomic_path
-        from di_assets.ml.report import accuracy_chart, worst_shifts, write_report
+        from di_assets.ml.report import accuracy_chart, heatmap_chart, worst_shifts, write_report
 
         root = Path(storage.root)
         if not any(root.glob(f"{PREDICTIONS_DIR}/*/*/*/*.parquet")):
@@ -60,7 +60,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
                 png = accuracy_chart(con, name)
                 with atomic_path(root / "diagnosis" / f"accuracy-{name}.png") as tmp:
                     tmp.write_bytes(png)
-                charts[name] = png
+                charts[name] = (png, heatmap_chart(con, name))
             images = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
         for r in rows:
             context.log.info(f"{r['classifier']}: {r['shift']} accuracy {r['accuracy']:.3f} "
@@ -75,8 +75,9 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
             "worst_shifts": table,
             "predictions": images,
             # one chart per classifier, in this one run-wide record
-            **{f"accuracy_per_shift_{n}": dg.MetadataValue.md(png_markdown(png, f"{n}: accuracy per shift"))
-               for n, png in charts.items()},
+            **{f"accuracy_per_shift_{n}": dg.MetadataValue.md(
+                png_markdown(chart, f"{n}: accuracy per shift") + "\n\n" + png_markdown(heat, f"{n}: class x shift"))
+               for n, (chart, heat) in charts.items()},
         })
 
     return diagnosis

@@ -140,6 +140,11 @@ class ScoringParams(dg.Config):
 
     zero_shot: bool = Field(default=True, description="Keep an image only if CLIP's zero-shot choice among the "
                                                       "dataset's class captions is its own class")
+    calibrated: bool = Field(default=True, description="Keep an image only if its class similarity reaches the "
+                                                       "midpoint between the class's real images' similarity to "
+                                                       "its caption and the image's similarity to other captions")
+    real_images: int = Field(default=32, description="Real images per class that calibrate the floor (the first, "
+                                                     "sorted by file name)")
     shift_over_base: bool = Field(default=True, description="Keep a shifted image only if it matches its shift "
                                                             "caption better than the base caption 'a photo'")
     min_sim_class: Optional[float] = Field(default=None, description="Optional: drop images below this class similarity")
@@ -148,7 +153,7 @@ class ScoringParams(dg.Config):
     def rule(self):
         from di_assets.ml.clip_metric import FilterRule
 
-        return FilterRule(**self.model_dump())
+        return FilterRule(**self.model_dump(exclude={"real_images"}))
 
 
 class InterfaceParams(dg.ConfigurableResource):

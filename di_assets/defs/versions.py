@@ -13,7 +13,7 @@ from di_assets.settings import Settings
 TEXTUAL_INVERSION_CODE = "textual-inversion-1"
 ENCODER_ROOT_CODE = "encoder-root-1"
 GENERATION_CODE = "generation-1"
-CLIP_METRIC_CODE = "clip-metric-1"
+CLIP_METRIC_CODE = "clip-metric-2"  # 2: the default filter (zero-shot, calibrated floor, shift over base)
 SCORES_DB_CODE = "scores-db-1"
 PREDICTIONS_CODE = "predictions-1"
 DIAGNOSIS_CODE = "diagnosis-1"

@@ -13,6 +13,8 @@ _EXPORTS = {
     "clip_similarity": "clip_metric", "ClipScorer": "clip_metric", "get_scorer": "clip_metric",
     "import_imagenet_star": "imagenet_star",
     "ModelSpec": "models",
+    "evaluate": "diagnosis", "ClassifierSpec": "classifiers", "load_classifier": "classifiers",
+    "FilterRule": "clip_metric",
     "CATALOG": "shifts", "IMAGENET_STAR": "shifts", "Shift": "shifts", "select_shifts": "shifts",
 }
 

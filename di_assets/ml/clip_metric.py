@@ -71,26 +71,48 @@ BASE_CAPTION = "a photo"  # the base shift's caption: what an image shows when n
 
 @dataclass(frozen=True)
 class FilterRule:
-    """Which counterfactuals to keep. The default needs no constant tuned per model: the image
-    must be CLIP's zero-shot choice among the dataset's class captions, and a shifted image
-    must match its shift caption better than the base caption. Thresholds are optional extras."""
+    """Which counterfactuals to keep. The default needs no constant tuned per model:
+
+    - `zero_shot`: the image is CLIP's zero-shot choice among the dataset's class captions;
+    - `calibrated`: its similarity to its class caption reaches the midpoint between what a match
+      looks like for this model (the median similarity of the class's real images to that caption)
+      and what a mismatch looks like (the median similarity of the same images to the other
+      classes' captions), so that an image no class caption fits (a failed generation that CLIP
+      still ranks first among few classes) is dropped;
+    - `shift_over_base`: a shifted image matches its shift caption better than the base caption.
+
+    Fixed thresholds are optional extras.
+    """
 
     zero_shot: bool = True
+    calibrated: bool = True
     shift_over_base: bool = True
     min_sim_class: float | None = None
     min_sim_shift: float | None = None
 
 
+def class_floor(class_sims: torch.Tensor, own: int, real_sim_class: float | None) -> float | None:
+    """The calibrated floor of sim_class for a partition (None where it cannot be estimated)."""
+    if real_sim_class is None or class_sims.shape[1] < 2 or len(class_sims) == 0:
+        return None
+    others = torch.cat([class_sims[:, :own], class_sims[:, own + 1:]], 1)
+    return (real_sim_class + others.median().item()) / 2
+
+
 def drop_reasons(class_sims: torch.Tensor, own: int, class_keys: Sequence[str], sim_shift: torch.Tensor,
-                 sim_base: torch.Tensor, shift_caption: str, rule: FilterRule = FilterRule()) -> list[str | None]:
+                 sim_base: torch.Tensor, shift_caption: str, rule: FilterRule = FilterRule(),
+                 floor: float | None = None) -> list[str | None]:
     """Why each image is dropped (None: kept). `class_sims` is (images, classes): the similarity of
-    each image to every class caption of the dataset; `own` is the index of the image's class."""
+    each image to every class caption of the dataset; `own` is the index of the image's class;
+    `floor` the calibrated floor of sim_class (`class_floor`)."""
     out = []
     choice = class_sims.argmax(1).tolist() if len(class_sims) else []
     for i, pick in enumerate(choice):
         why = []
         if rule.zero_shot and pick != own:
             why.append(f"zero-shot: {class_keys[pick]}")
+        if rule.calibrated and floor is not None and class_sims[i, own] < floor:
+            why.append(f"sim_class below the class's floor {floor:.3f}")
         if rule.shift_over_base and shift_caption != BASE_CAPTION and sim_shift[i] <= sim_base[i]:
             why.append("shift not shown")
         if rule.min_sim_class is not None and class_sims[i, own] < rule.min_sim_class:

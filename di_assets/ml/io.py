@@ -85,8 +85,9 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_class_images(folder: str | os.PathLike, with_files: bool = False):
-    """Open every readable image in a class folder as RGB (with `with_files`: (files, images)).
+def load_class_images(folder: str | os.PathLike, with_files: bool = False, limit: int | None = None):
+    """Open every readable image in a class folder as RGB (with `with_files`: (files, images);
+    with `limit`: the first `limit` readable ones, by file name).
 
     Corrupt or non-image files are skipped with a warning; a folder with no usable image
     raises a ValueError that names it.
@@ -98,6 +99,8 @@ def load_class_images(folder: str | os.PathLike, with_files: bool = False):
         raise FileNotFoundError(f"class folder {folder} does not exist")
     files, images = [], []
     for p in sorted(q for q in folder.iterdir() if q.is_file() and not q.name.startswith(".")):
+        if limit is not None and len(images) >= limit:
+            break
         try:
             with Image.open(p) as im:
                 im.load()
