@@ -100,3 +100,27 @@ def test_example_configs_load(name):
     defs = build_defs(settings)
     assert defs.resolve_assets_def("class_token")
     assert defs.resources["models"].family == settings.models.get("family", "tiny")
+
+
+def test_no_deprecated_api_in_our_code(tmp_path):
+    """A DeprecationWarning raised from di-assets' own code (e.g. `AssetSelection.keys`) fails."""
+    code = ("import warnings; warnings.filterwarnings('error', category=DeprecationWarning, module='di_assets'); "
+            "warnings.filterwarnings('error', category=FutureWarning, module='di_assets'); "
+            "import dagster as dg, di_assets.definitions as d; dg.Definitions.validate_loadable(d.defs); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "DI_ASSETS_STORAGE": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-1500:]
+
+
+def test_setting_descriptions_state_the_defaults_in_use():
+    from di_assets.defs.resources import GenerationParams, TextualInversionParams
+    from di_assets.ml.generate import GenerationConfig
+    from di_assets.ml.textual_inversion import TextualInversionConfig
+
+    tiny, sd = TextualInversionConfig.for_family("tiny"), TextualInversionConfig.for_family("sd")
+    fields = TextualInversionParams.model_fields
+    assert f"sd {sd.steps}, tiny {tiny.steps}" in fields["steps"].description
+    assert f"sd {str(sd.pin_norm).lower()}, tiny {str(tiny.pin_norm).lower()}" in fields["pin_norm"].description
+    gen = GenerationParams.model_fields["num_inference_steps"].description
+    assert f"sd {GenerationConfig.for_family('sd').num_inference_steps}, " \
+           f"tiny {GenerationConfig.for_family('tiny').num_inference_steps}" in gen

@@ -23,7 +23,7 @@ def class_images(context, storage: StorageResource) -> dg.DataVersionsByPartitio
 
 
 observe_class_images = dg.define_asset_job(
-    "observe_class_images", selection=dg.AssetSelection.keys("class_images"),
+    "observe_class_images", selection=dg.AssetSelection.assets("class_images"),
     description="Observe the class folders: records each folder's content hash as its data version.",
 )
 

@@ -6,7 +6,7 @@ from di_assets.ml.shifts import Shift
 
 from .executors import gpu_tags
 from .metadata import image_grid_markdown
-from .partitions import BY_CLASS, OWNERS, class_and_shift_keys
+from .partitions import OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
@@ -23,8 +23,8 @@ def after_class_change() -> dg.AutomationCondition:
     newer than the encoder root, so the images always come from a root that holds that token.
     """
     AC = dg.AutomationCondition
-    token_updated = AC.any_deps_updated().allow(dg.AssetSelection.keys(CLASS_TOKEN))
-    root_updated = AC.any_deps_updated().allow(dg.AssetSelection.keys(ENCODER_ROOT))
+    token_updated = AC.any_deps_updated().allow(dg.AssetSelection.assets(CLASS_TOKEN))
+    root_updated = AC.any_deps_updated().allow(dg.AssetSelection.assets(ENCODER_ROOT))
     return (
         (AC.newly_missing() | token_updated).since_last_handled()
         & ~token_updated.since(root_updated)
@@ -39,8 +39,8 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
 
     @dg.asset(
         partitions_def=partitions_def,
-        ins={"class_token": dg.AssetIn(CLASS_TOKEN, partition_mapping=BY_CLASS, dagster_type=dg.Nothing)},
-        deps=[ENCODER_ROOT],
+        # Dagster maps a class x shift partition to its class's token partition by itself
+        deps=[CLASS_TOKEN, ENCODER_ROOT],
         group_name="counterfactuals",
         owners=OWNERS,
         code_version=code_version,

@@ -12,9 +12,6 @@ def class_shift_partitions(shift_keys: list[str]) -> dg.MultiPartitionsDefinitio
     return dg.MultiPartitionsDefinition({"class": CLASSES, "shift": dg.StaticPartitionsDefinition(shift_keys)})
 
 
-# A class × shift partition depends on its class's partition only.
-BY_CLASS = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="class")
-
 
 def class_and_shift_keys(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
     """(class, shift) of every partition in this run: one key, or a range (single-run backfill)."""

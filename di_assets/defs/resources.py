@@ -9,6 +9,8 @@ from typing import Iterator, Optional
 import dagster as dg
 from pydantic import Field
 
+from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe
+
 
 class StorageResource(dg.ConfigurableResource):
     """The class-image dataset (ImageFolder layout) and the storage root of every artifact."""
@@ -112,27 +114,35 @@ class ModelResource(dg.ConfigurableResource):
             yield spec
 
 
+def _ti(key: str, what: str):
+    return Field(default=None, description=describe(TEXTUAL_INVERSION, key, what))
+
+
+def _gen(key: str, what: str):
+    return Field(default=None, description=describe(GENERATION, key, what))
+
+
 class TextualInversionParams(dg.Config):
-    steps: Optional[int] = Field(default=None, description="None: family default (sd 3000, tiny 60)")
-    learning_rate: Optional[float] = None
-    batch_size: Optional[int] = None
-    gradient_accumulation: Optional[int] = None
-    resolution: Optional[int] = Field(default=None, description="None: the model's native size (SD2 768, SD1 512)")
-    num_vectors: Optional[int] = None
-    seed: Optional[int] = None
-    pin_norm: Optional[bool] = Field(default=None, description="Keep the initialiser's norm (default true)")
-    checkpoint_every: Optional[int] = None
+    steps: Optional[int] = _ti("steps", "Optimisation steps per token")
+    learning_rate: Optional[float] = _ti("learning_rate", "AdamW learning rate")
+    batch_size: Optional[int] = _ti("batch_size", "Images per step")
+    gradient_accumulation: Optional[int] = _ti("gradient_accumulation", "Steps whose gradients add up per update")
+    resolution: Optional[int] = _ti("resolution", "Training image size (SD2 768, SD1 512)")
+    num_vectors: Optional[int] = _ti("num_vectors", "Embedding vectors per token")
+    seed: Optional[int] = _ti("seed", "Random seed")
+    pin_norm: Optional[bool] = _ti("pin_norm", "Keep the token's norm at the initialiser's")
+    checkpoint_every: Optional[int] = _ti("checkpoint_every", "Steps between checkpoints (a rerun resumes)")
 
 
 class GenerationParams(dg.Config):
     num_samples: int = Field(default=4, description="Images per class and shift (ImageNet* used 50)")
     seed: int = Field(default=0, description="Sample j uses seed + j, in every shift")
-    num_inference_steps: Optional[int] = Field(default=None, description="None: sd 50, tiny 10")
-    guidance_scale: Optional[float] = None
-    scheduler: Optional[str] = Field(default=None, description="euler (default), euler_a, ddim, dpm, pndm, ddpm")
-    resolution: Optional[int] = None
-    negative_prompt: Optional[str] = None
-    batch_size: Optional[int] = None
+    num_inference_steps: Optional[int] = _gen("num_inference_steps", "Denoising steps")
+    guidance_scale: Optional[float] = _gen("guidance_scale", "Classifier-free guidance scale")
+    scheduler: Optional[str] = _gen("scheduler", "euler, euler_a, ddim, dpm, pndm or ddpm")
+    resolution: Optional[int] = _gen("resolution", "Image size")
+    negative_prompt: Optional[str] = _gen("negative_prompt", "Negative prompt")
+    batch_size: Optional[int] = _gen("batch_size", "Images per pipeline call")
 
 
 class ScoringParams(dg.Config):

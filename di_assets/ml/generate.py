@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .encoder_root import ClassToken, load_encoder_root, read_tokens, resolve_class
+from .defaults import GENERATION
 from .models import ModelSpec, load_diffusion_components, load_scheduler, native_resolution, torch_dtype
 from .shifts import TOKEN, check_prompt
 
@@ -25,16 +26,16 @@ log = logging.getLogger("di_assets")
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "euler"
-    resolution: int | None = None  # None: the model's native size
-    negative_prompt: str = ""
-    batch_size: int = 8
+    num_inference_steps: int = GENERATION["sd"]["num_inference_steps"]
+    guidance_scale: float = GENERATION["sd"]["guidance_scale"]
+    scheduler: str = GENERATION["sd"]["scheduler"]
+    resolution: int | None = GENERATION["sd"]["resolution"]  # None: the model's native size
+    negative_prompt: str = GENERATION["sd"]["negative_prompt"]
+    batch_size: int = GENERATION["sd"]["batch_size"]
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "GenerationConfig":
-        base = cls() if family == "sd" else cls(num_inference_steps=10, resolution=64, batch_size=16)
+        base = cls(**GENERATION["sd" if family == "sd" else "tiny"])  # see ml/defaults.py
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 

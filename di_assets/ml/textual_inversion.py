@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .defaults import TEXTUAL_INVERSION
 from .io import atomic_path, hash_folder, load_class_images, write_json
 from .models import ModelSpec, load_base_text_encoder, load_diffusion_components, load_scheduler, native_resolution
 from .templates import IMAGENET_TEMPLATES_SMALL
@@ -28,28 +29,28 @@ EMBEDS_FILE = "learned_embeds.safetensors"
 LOSS_FILE = "loss.json"
 
 
+_SD = TEXTUAL_INVERSION["sd"]  # the paper's defaults; the tiny family's are in ml/defaults.py too
+
+
 @dataclass(frozen=True)
 class TextualInversionConfig:
     """Hyperparameters. `for_family` gives the paper's defaults for `sd`, small ones for `tiny`."""
 
-    steps: int = 3000
-    learning_rate: float = 5e-4
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    resolution: int | None = None  # None: the model's native size (SD2 768, SD1 512, tiny 64)
-    num_vectors: int = 1
-    seed: int = 0
-    pin_norm: bool = True
+    steps: int = _SD["steps"]
+    learning_rate: float = _SD["learning_rate"]
+    batch_size: int = _SD["batch_size"]
+    gradient_accumulation: int = _SD["gradient_accumulation"]
+    resolution: int | None = _SD["resolution"]  # None: the model's native size (SD2 768, SD1 512, tiny 64)
+    num_vectors: int = _SD["num_vectors"]
+    seed: int = _SD["seed"]
+    pin_norm: bool = _SD["pin_norm"]
     weight_decay: float = 1e-2
-    checkpoint_every: int = 500
+    checkpoint_every: int = _SD["checkpoint_every"]
     flip: bool = True  # random horizontal flip
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "TextualInversionConfig":
-        # tiny: measured on the reference world (benchmarks/reference_world_gates.py). The norm is
-        # free there because a word the tiny model never saw keeps its small initial row.
-        tiny = cls(steps=500, learning_rate=5e-2, batch_size=8, pin_norm=False, checkpoint_every=100)
-        base = cls() if family == "sd" else tiny
+        base = cls(**TEXTUAL_INVERSION["sd" if family == "sd" else "tiny"])  # see ml/defaults.py
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def __post_init__(self):
