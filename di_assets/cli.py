@@ -94,6 +94,10 @@ def cmd_run(args) -> int:
     step("encoder_root", ["encoder_root"])
     step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
          ["counterfactuals", "clip_scores"], **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
+    if settings.baseline:
+        step(f"baseline (class names): {len(classes)} classes x {len(shifts)} shifts",
+             ["baseline_counterfactuals", "baseline_scores"],
+             **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
     step("scores_db", ["scores_db"])
     classifiers = [c.name for c in settings.classifier_specs()]
     if classifiers:
@@ -117,6 +121,12 @@ def cmd_run(args) -> int:
         print(f"  report        {storage / 'diagnosis' / 'report.html'} (charts, heat maps, misclassified images)")
     print("\nmean CLIP similarity per shift and class (sim_class / sim_shift):")
     _query(storage / "scores.duckdb", _pivot_sql(classes, shifts))
+    if settings.baseline:
+        print("\nthe token against the class name (the paper's baseline), mean over classes:")
+        _query(storage / "scores.duckdb",
+               "SELECT shift, avg(token_sim_class) AS token_sim_class, avg(name_sim_class) AS name_sim_class, "
+               "avg(token_sim_shift) AS token_sim_shift, avg(name_sim_shift) AS name_sim_shift "
+               "FROM token_vs_name GROUP BY shift ORDER BY list_position(?, shift)", [shifts])
     if classifiers:
         _print_diagnosis(storage / "scores.duckdb", shifts)
     return 0
@@ -216,14 +226,14 @@ def cmd_update(args) -> int:
     return 0
 
 
-def _query(db: Path, sql: str) -> int:
+def _query(db: Path, sql: str, params=None) -> int:
     import duckdb
 
     if not db.exists():
         raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize scores_db) first")
     con = duckdb.connect(str(db), read_only=True)
     try:
-        cur = con.execute(sql)
+        cur = con.execute(sql, params)
         rows = cur.fetchall()
         cols = [d[0] for d in cur.description] if cur.description else []
     except duckdb.Error as exc:

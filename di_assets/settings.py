@@ -38,6 +38,9 @@ class Settings:
     # Classifiers under diagnosis (see di_assets.ml.classifiers.ClassifierSpec); None: the family's
     # default (tiny: the reference world's `diagnosed` and `judge`; sd: none); []: no diagnosis.
     classifiers: list | None = None
+    # Also generate and score every class and shift with the class name in place of the token (the
+    # paper's `use_token=False` baseline), under <storage>/baseline/; views baseline_scores, token_vs_name.
+    baseline: bool = False
     observe_cron: str = "0 * * * *"  # when the schedule observes the dataset folder (hourly)
     removed_classes: str = "trash"  # a removed class's files: "trash" (storage/trash/) or "delete"
 

@@ -186,3 +186,28 @@ def test_predictions_and_diagnosis(flow, tmp_path):
         failure.step_failure_data.error.message
     assert "hot" in message and "nearest labels" in message and message.strip().count("\n") == 0, message
     assert before == {f: f.read_bytes() for f in files}  # nothing already written is lost
+
+
+def test_class_name_baseline_in_the_flow(flow):
+    """`baseline: true` adds the paper's use_token=False images and scores, beside the tokens'."""
+    import dataclasses
+    from pathlib import Path
+
+    settings, _, _, instance = flow
+    with_baseline = dataclasses.replace(settings, baseline=True, classifiers=[])
+    assets, resources = build_assets(with_baseline), build_resources(with_baseline)
+    key = dg.MultiPartitionKey({"class": "hot_dog_frank", "shift": "in_the_snow"})
+    assert dg.materialize(assets, selection=["baseline_counterfactuals", "baseline_scores"], partition_key=key,
+                          instance=instance, resources=resources).success
+    assert dg.materialize(assets, selection=["scores_db"], instance=instance, resources=resources).success
+    store = Path(settings.storage)
+    manifest = json.loads((store / "baseline/images/hot_dog_frank/in_the_snow/manifest.json").read_text())
+    assert [r["text"] for r in manifest["images"]] == ["a photo of a hot dog, frank in the snow"] * N
+    assert [r["seed"] for r in manifest["images"]] == list(range(N))  # the tokens' seeds: a paired comparison
+    con = duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True)
+    row = con.execute("SELECT token_sim_class, name_sim_class FROM token_vs_name "
+                      "WHERE class_key = 'hot_dog_frank' AND shift = 'in_the_snow'").fetchone()
+    direct = con.execute("SELECT avg(sim_class) FROM baseline_scores WHERE class_key = 'hot_dog_frank'").fetchone()
+    assert row[1] == pytest.approx(direct[0]) and -1 <= row[0] <= 1
+    # the token's own images and scores are untouched by the baseline
+    assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 4 * N

@@ -30,7 +30,7 @@ from .resources import (
     StorageResource,
     TextualInversionParams,
 )
-from .scores_db import scores_db
+from .scores_db import build_scores_db
 from .versions import classifier_version, code_versions
 
 
@@ -58,8 +58,11 @@ def build_assets(settings: Settings) -> list:
         build_encoder_root(versions["encoder_root"]),
         build_counterfactuals(shifts, grid, versions["counterfactuals"]),
         build_clip_scores(shifts, grid, versions["clip_scores"]),
-        scores_db,
+        build_scores_db(settings.baseline),
     ]
+    if settings.baseline:  # the paper's class-name baseline, to compare with the tokens shift by shift
+        assets += [build_counterfactuals(shifts, grid, versions["counterfactuals"], baseline=True),
+                   build_clip_scores(shifts, grid, versions["clip_scores"], baseline=True)]
     classifiers = settings.classifier_specs()
     for spec in classifiers:
         assets += [build_predictions(spec, grid, classifier_version(spec)),

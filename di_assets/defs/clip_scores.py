@@ -17,12 +17,17 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) -> dg.AssetsDefinition:
+def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
+                      baseline: bool = False) -> dg.AssetsDefinition:
+    """The scores; with `baseline`, of the class-name baseline's images (`baseline/scores/...`)."""
     by_key = {s.key: s for s in shifts}
+    asset_name = "baseline_scores" if baseline else "clip_scores"
+    where = "baseline/scores" if baseline else "scores"
 
     @dg.asset(
+        name=asset_name,
         partitions_def=partitions_def,
-        deps=[dg.AssetKey("counterfactuals")],
+        deps=[dg.AssetKey("baseline_counterfactuals" if baseline else "counterfactuals")],
         group_name="metrics",
         owners=OWNERS,
         code_version=code_version,
@@ -31,9 +36,9 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
         kinds={"pytorch", "parquet"},
         automation_condition=dg.AutomationCondition.eager(),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        check_specs=[dg.AssetCheckSpec(RANGE_CHECK, asset="clip_scores",
+        check_specs=[dg.AssetCheckSpec(RANGE_CHECK, asset=asset_name,
                                        description="Every similarity lies in [-1, 1], with no NaN")],
-        description="Scores in Hive layout: `scores/class=<c>/shift=<s>/part.parquet`",
+        description=f"Scores in Hive layout: `{where}/class=<c>/shift=<s>/part.parquet`",
     )
     def clip_scores(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
@@ -65,7 +70,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                         real_sim[key] = scorer.similarity(real, [captions[index[key]]])[:, 0].median().item()
             for key, shift_key in class_and_shift_keys(context):
                 shift = by_key[shift_key]
-                folder = storage.images_dir(key, shift_key)
+                folder = storage.images_dir(key, shift_key, baseline)
                 manifest = json.loads((folder / MANIFEST).read_text())
                 if key not in classes:
                     raise dg.Failure(f"class {key!r} has no folder in {storage.dataset}; was it removed?")
@@ -100,7 +105,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                     "clip_model": [scorer.model_id] * n,
                     "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
                 })
-                with atomic_path(storage.scores_file(key, shift_key)) as tmp:
+                with atomic_path(storage.scores_file(key, shift_key, baseline)) as tmp:
                     pq.write_table(table, tmp)
                 stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift.tolist()), sum(kept)))
         sims = torch.cat(all_sims)
@@ -115,7 +120,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str) ->
                     f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
         }
         if len(stats) == 1:
-            metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2])))
+            metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2], baseline)))
             metadata["shift_caption"] = by_key[stats[0][1]].caption
         return dg.MaterializeResult(
             metadata=metadata,

@@ -6,7 +6,7 @@ from di_assets.ml.shifts import Shift
 
 from .executors import gpu_tags
 from .metadata import image_grid_markdown
-from .partitions import OWNERS, class_and_shift_keys
+from .partitions import OWNERS, class_and_shift_keys, missing_or_changed
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
@@ -34,24 +34,35 @@ def after_class_change() -> dg.AutomationCondition:
     ).with_label("token changed, encoder root caught up")
 
 
-def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str) -> dg.AssetsDefinition:
+BASELINE = "baseline_counterfactuals"
+
+
+def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str,
+                          baseline: bool = False) -> dg.AssetsDefinition:
+    """The counterfactuals; with `baseline`, the paper's class-name baseline (`use_token=False`):
+    the same prompts and seeds with the class name in place of the token, under `baseline/`."""
     by_key = {s.key: s for s in shifts}
+    name = BASELINE if baseline else "counterfactuals"
+    where = "baseline/images" if baseline else "images"
 
     @dg.asset(
+        name=name,
         partitions_def=partitions_def,
-        # Dagster maps a class x shift partition to its class's token partition by itself
-        deps=[CLASS_TOKEN, ENCODER_ROOT],
+        # Dagster maps a class x shift partition to its class's token partition by itself. The
+        # baseline needs no token: it is made once per class, from the encoder root's base model.
+        deps=[ENCODER_ROOT] if baseline else [CLASS_TOKEN, ENCODER_ROOT],
         group_name="counterfactuals",
         owners=OWNERS,
         code_version=code_version,
         pool="gpu",
         op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
         kinds={"pytorch", "png"},
-        automation_condition=after_class_change(),
+        automation_condition=missing_or_changed(deps_updated=False) if baseline else after_class_change(),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        check_specs=[dg.AssetCheckSpec(COUNT_CHECK, asset="counterfactuals",
+        check_specs=[dg.AssetCheckSpec(COUNT_CHECK, asset=name,
                                        description="Every partition holds as many images as were asked for")],
-        description="Generated images: `images/<class>/<shift>/<seed>.png` and a `manifest.json`",
+        description=(f"Generated images: `{where}/<class>/<shift>/<seed>.png` and a `manifest.json`"
+                     + (", with the class name in place of the token (the paper's baseline)" if baseline else "")),
     )
     def counterfactuals(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
@@ -68,7 +79,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
             cfg = params.generation_config(spec.family)
             n, seed = params.generation.num_samples, params.generation.seed
             pairs = class_and_shift_keys(context)
-            for key in dict.fromkeys(k for k, _ in pairs):
+            for key in [] if baseline else dict.fromkeys(k for k, _ in pairs):
                 # Never generate from a root that predates this class's current token.
                 _, learned = load_learned_embeds(storage.token_dir(key) / EMBEDS_FILE)
                 if resolve_class(storage.encoder_root, key).embeds_sha != embeds_digest(learned):
@@ -78,8 +89,8 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
             for i, (key, shift_key) in enumerate(pairs, 1):
                 shift = by_key[shift_key]
                 samples = generate_samples(storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n),
-                                           model=spec, config=cfg)
-                out = storage.images_dir(key, shift_key)
+                                           model=spec, config=cfg, use_token=not baseline)
+                out = storage.images_dir(key, shift_key, baseline)
                 with atomic_dir(out) as tmp:
                     for s in samples:
                         s.image.save(tmp / f"{s.seed}.png")
@@ -96,7 +107,8 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                 context.log.info(f"{key} / {shift_key}: {n} images ({i}/{len(pairs)} partitions)")
         return dg.MaterializeResult(
             metadata={
-                "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0]) if len(pairs) == 1 else storage.root)),
+                "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0], baseline) if len(pairs) == 1
+                                                  else storage.root)),
                 "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
                 "num_images": sum(counts),
                 "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),

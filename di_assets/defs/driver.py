@@ -14,7 +14,8 @@ import dagster as dg
 from .class_images import class_folders_sensor
 from .partitions import CLASSES
 
-ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "scores_db"]
+ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "baseline_counterfactuals",
+         "baseline_scores", "scores_db"]
 # then the diagnosis: each classifier's predictions (named "<prefix>/<classifier>"), then its report
 DIAGNOSIS_ORDER = ["real_predictions", "predictions", "diagnosis"]
 

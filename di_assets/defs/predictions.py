@@ -12,7 +12,7 @@ import dagster as dg
 
 from .class_images import class_images
 from .executors import gpu_tags
-from .partitions import CLASSES, OWNERS, class_and_shift_keys
+from .partitions import CLASSES, OWNERS, class_and_shift_keys, missing_or_changed
 from .resources import ModelResource, StorageResource
 
 PREDICTIONS = "predictions"
@@ -26,20 +26,6 @@ PREDICTION_COLUMNS = {
     "correct1": "top1 is the class's label", "correct5": "The class's label is among the top 5",
     "kept": "The CLIP filter kept the image", "drop_reason": "Why the CLIP filter dropped it (null when kept)",
 }
-
-
-def eager_or_new_code() -> dg.AutomationCondition:
-    """Eager, and also when the classifier's code version (its settings or weights) changed.
-
-    A classifier added to the settings is a new asset; Dagster's eager condition leaves what was
-    missing at its first evaluation alone, so a missing partition whose images exist runs too
-    (unless its last run failed: then it waits for a change).
-    """
-    AC = dg.AutomationCondition
-    return (((AC.newly_missing() | AC.any_deps_updated() | AC.code_version_changed()).since_last_handled()
-             | (AC.missing() & ~AC.execution_failed()))
-            & ~AC.any_deps_missing() & ~AC.any_deps_in_progress() & ~AC.in_progress()
-            ).with_label("eager, or the classifier is new or changed")
 
 
 def prediction_key(name: str) -> dg.AssetKey:
@@ -79,7 +65,7 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
         pool="gpu",
         op_tags=gpu_tags(),
         kinds={"pytorch", "parquet"},
-        automation_condition=eager_or_new_code(),
+        automation_condition=missing_or_changed(),
         backfill_policy=dg.BackfillPolicy.single_run(),
         metadata={"dagster/column_schema": dg.TableSchema(
             columns=[dg.TableColumn(c, description=d) for c, d in PREDICTION_COLUMNS.items()])},
@@ -140,7 +126,7 @@ def build_real_predictions(spec, code_version: str) -> dg.AssetsDefinition:
         pool="gpu",
         op_tags=gpu_tags(),
         kinds={"pytorch", "parquet"},
-        automation_condition=eager_or_new_code(),
+        automation_condition=missing_or_changed(),
         backfill_policy=dg.BackfillPolicy.single_run(),
         description=f"Classifier `{spec.name}` on each class's own images (the class folder), to tell "
                     "failures in a shift from failures on generated images",

@@ -12,6 +12,9 @@ from pydantic import Field
 from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe
 
 
+BASELINE_DIR = "baseline"  # the class-name baseline's images and scores, in the same layout
+
+
 class StorageResource(dg.ConfigurableResource):
     """The class-image dataset (ImageFolder layout) and the storage root of every artifact."""
 
@@ -37,15 +40,22 @@ class StorageResource(dg.ConfigurableResource):
     def encoder_root(self) -> Path:
         return Path(self.root) / "encoder_root"
 
-    def images_dir(self, key: str, shift: str) -> Path:
-        return Path(self.root) / "images" / key / shift
+    def variant_root(self, baseline: bool = False) -> Path:
+        """Where a set of counterfactuals lives: the root, or `baseline/` for the class-name baseline."""
+        return Path(self.root) / BASELINE_DIR if baseline else Path(self.root)
 
-    def scores_file(self, key: str, shift: str) -> Path:
-        return Path(self.root) / "scores" / f"class={key}" / f"shift={shift}" / "part.parquet"
+    def images_dir(self, key: str, shift: str, baseline: bool = False) -> Path:
+        return self.variant_root(baseline) / "images" / key / shift
+
+    def scores_file(self, key: str, shift: str, baseline: bool = False) -> Path:
+        return self.variant_root(baseline) / "scores" / f"class={key}" / f"shift={shift}" / "part.parquet"
+
+    def scores_glob_of(self, baseline: bool = False) -> str:
+        return str(self.variant_root(baseline) / "scores" / "*" / "*" / "*.parquet")
 
     @property
     def scores_glob(self) -> str:
-        return str(Path(self.root) / "scores" / "*" / "*" / "*.parquet")
+        return self.scores_glob_of(False)
 
     @property
     def scores_db(self) -> Path:
@@ -56,7 +66,9 @@ class StorageResource(dg.ConfigurableResource):
         # every classifier's predictions of the class too, so that they leave the diagnosis views
         predictions = sorted(root.glob(f"predictions/classifier=*/class={key}")) + sorted(
             root.glob(f"real_predictions/classifier=*/class={key}"))
-        return [self.token_dir(key), root / "images" / key, root / "scores" / f"class={key}", *predictions]
+        baseline = root / BASELINE_DIR
+        return [self.token_dir(key), root / "images" / key, root / "scores" / f"class={key}", *predictions,
+                baseline / "images" / key, baseline / "scores" / f"class={key}"]
 
     def retire_class(self, key: str) -> Path | None:
         """Move a removed class's token, images and scores to trash/ (or delete them); return where."""

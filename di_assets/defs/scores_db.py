@@ -24,32 +24,58 @@ def summary_markdown(rows) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(
-    deps=[dg.AssetKey("clip_scores")],
-    group_name="metrics",
-    owners=OWNERS,
-    code_version=SCORES_DB_CODE,
-    kinds={"duckdb"},
-    automation_condition=dg.AutomationCondition.eager(),
-    description="DuckDB views `scores` and `mean_scores` over `scores/class=*/shift=*/part.parquet`",
-)
-def scores_db(context: dg.AssetExecutionContext, storage: StorageResource, duckdb: DuckDBResource) -> dg.MaterializeResult:
-    from pathlib import Path
+# With the class-name baseline: its scores, and per class and shift the token beside the name.
+BASELINE_VIEWS = {
+    "baseline_scores": "SELECT * FROM read_parquet('{baseline_glob}', hive_partitioning = true, union_by_name = true)",
+    "token_vs_name": """
+        SELECT t.class_key, any_value(t.class_name) AS class_name, t.shift,
+               avg(t.sim_class) AS token_sim_class, avg(n.sim_class) AS name_sim_class,
+               avg(t.sim_shift) AS token_sim_shift, avg(n.sim_shift) AS name_sim_shift,
+               avg(t.kept::INTEGER) AS token_kept_fraction, avg(n.kept::INTEGER) AS name_kept_fraction
+        FROM scores t JOIN baseline_scores n ON n.class_key = t.class_key AND n.shift = t.shift AND n.seed = t.seed
+        GROUP BY t.class_key, t.shift ORDER BY t.class_key, t.shift""",
+}
 
-    if not list(Path(storage.root).glob("scores/*/*/*.parquet")):
-        raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
-    with duckdb.get_connection() as con:
-        con.execute("BEGIN TRANSACTION")  # readers see the old views or the new ones, never a mix
-        for name, sql in VIEWS.items():
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(glob=storage.scores_glob)}")
-        con.execute("COMMIT")
-        total = con.execute("SELECT count(*) FROM scores").fetchone()[0]
-        rows = con.execute(
-            "SELECT class_key, shift, images, mean_sim_class, mean_sim_shift FROM mean_scores"
-        ).fetchall()
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(storage.scores_db)),
-        "dagster/row_count": total,
-        "partitions": len(rows),
-        "mean_scores": dg.MetadataValue.md(summary_markdown(rows)),
-    })
+
+def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
+    deps = [dg.AssetKey("clip_scores")] + ([dg.AssetKey("baseline_scores")] if baseline else [])
+    views = {**VIEWS, **(BASELINE_VIEWS if baseline else {})}
+
+    @dg.asset(
+        deps=deps,
+        group_name="metrics",
+        owners=OWNERS,
+        code_version=SCORES_DB_CODE,
+        kinds={"duckdb"},
+        automation_condition=dg.AutomationCondition.eager(),
+        description=f"DuckDB views {', '.join(f'`{v}`' for v in views)} over "
+                    "`scores/class=*/shift=*/part.parquet`" + (" and `baseline/scores/...`" if baseline else ""),
+    )
+    def scores_db(context: dg.AssetExecutionContext, storage: StorageResource,
+                  duckdb: DuckDBResource) -> dg.MaterializeResult:
+        from pathlib import Path
+
+        if not list(Path(storage.root).glob("scores/*/*/*.parquet")):
+            raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
+        chosen = dict(VIEWS)
+        if baseline and list(storage.variant_root(True).glob("scores/*/*/*.parquet")):
+            chosen.update(BASELINE_VIEWS)
+        globs = {"glob": storage.scores_glob.replace("'", "''"),
+                 "baseline_glob": storage.scores_glob_of(True).replace("'", "''")}
+        with duckdb.get_connection() as con:
+            con.execute("BEGIN TRANSACTION")  # readers see the old views or the new ones, never a mix
+            for name, sql in chosen.items():
+                con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(**globs)}")
+            con.execute("COMMIT")
+            total = con.execute("SELECT count(*) FROM scores").fetchone()[0]
+            rows = con.execute(
+                "SELECT class_key, shift, images, mean_sim_class, mean_sim_shift FROM mean_scores"
+            ).fetchall()
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(storage.scores_db)),
+            "dagster/row_count": total,
+            "partitions": len(rows),
+            "mean_scores": dg.MetadataValue.md(summary_markdown(rows)),
+        })
+
+    return scores_db
