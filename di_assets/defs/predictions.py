@@ -54,19 +54,20 @@ def _mapping_preview(clf, targets: dict, keys) -> dg.MetadataValue:
         dg.TableColumn("class", "string"), dg.TableColumn("label", "string")]))
 
 
+def _asset_args(code_version: str) -> dict:
+    """What both assets of a classifier share: a GPU step, one run over many partitions, and
+    automation that also runs a classifier added or changed in the settings."""
+    return dict(group_name="diagnosis", owners=OWNERS, code_version=code_version, pool="gpu", op_tags=gpu_tags(),
+                kinds={"pytorch", "parquet"}, automation_condition=missing_or_changed(),
+                backfill_policy=dg.BackfillPolicy.single_run())
+
+
 def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=prediction_key(spec.name),
         partitions_def=partitions_def,
         deps=[dg.AssetKey("counterfactuals"), dg.AssetKey("clip_scores")],
-        group_name="diagnosis",
-        owners=OWNERS,
-        code_version=code_version,
-        pool="gpu",
-        op_tags=gpu_tags(),
-        kinds={"pytorch", "parquet"},
-        automation_condition=missing_or_changed(),
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        **_asset_args(code_version),
         metadata={"dagster/column_schema": dg.TableSchema(
             columns=[dg.TableColumn(c, description=d) for c, d in PREDICTION_COLUMNS.items()])},
         description=f"Classifier `{spec.name}` ({spec.kind}) on every counterfactual: "
@@ -120,14 +121,7 @@ def build_real_predictions(spec, code_version: str) -> dg.AssetsDefinition:
         key=real_prediction_key(spec.name),
         partitions_def=CLASSES,
         deps=[class_images],
-        group_name="diagnosis",
-        owners=OWNERS,
-        code_version=code_version,
-        pool="gpu",
-        op_tags=gpu_tags(),
-        kinds={"pytorch", "parquet"},
-        automation_condition=missing_or_changed(),
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        **_asset_args(code_version),
         description=f"Classifier `{spec.name}` on each class's own images (the class folder), to tell "
                     "failures in a shift from failures on generated images",
     )
