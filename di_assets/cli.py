@@ -1,4 +1,5 @@
-"""The `di-assets` command: run the whole flow, query the scores, write the diagnosis report, import ImageNet* tokens."""
+"""The `di-assets` command: run the whole flow, query the scores, write the diagnosis report, import
+ImageNet* tokens, export encoder roots in the paper's format."""
 
 from __future__ import annotations
 
@@ -272,6 +273,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from di_assets.ml.models import ModelSpec
+    from di_assets.ml.paper_format import export_encoder_root
+
+    src = Path(args.src) if args.src else Path(_settings(args).storage) / "encoder_root"
+    model = ModelSpec(family=args.family, diffusion=args.diffusion) if (args.family or args.diffusion) else None
+    out = export_encoder_root(src, args.out, format=args.format, model=model)
+    print(f"encoder root written to {out} ({args.format} format)")
+    return 0
+
+
 def cmd_import(args) -> int:
     from di_assets.ml.imagenet_star import import_imagenet_star
     from di_assets.ml.models import ModelSpec
@@ -327,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(rp)
     rp.add_argument("--out", help="HTML file to write (default: <storage>/diagnosis/report.html)")
     rp.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export-encoder-root", help="write an encoder root in the paper's format (or back)",
+                       description="Write an encoder root that the paper's code (MadryLab/dataset-interfaces) reads: "
+                                   "tokenizer/, text_encoder/ (float16) and tokens.pt; or, with --format di-assets, "
+                                   "turn a paper root into a di-assets root.")
+    common(x)
+    x.add_argument("out", help="folder to write")
+    x.add_argument("--src", help="encoder root to read (default: <storage>/encoder_root)")
+    x.add_argument("--format", choices=["paper", "di-assets"], default="paper", help="format to write (default: paper)")
+    x.add_argument("--family", choices=["tiny", "sd"], help="base model family, where the source does not say")
+    x.add_argument("--diffusion", help="base model (Hub id or local folder), where the source does not say")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("import-imagenet-star", help="build an encoder root from published ImageNet* tokens",
                        description="Build an encoder root from a folder of {i}.bin token files (read with weights_only=True).")

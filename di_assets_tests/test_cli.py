@@ -17,7 +17,8 @@ def di(*args, env=None, check=True):
     return p
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["query"], ["report"], ["import-imagenet-star"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["query"], ["report"], ["import-imagenet-star"],
+                                 ["export-encoder-root"]])
 def test_every_command_has_help(cmd):
     out = di(*cmd, "--help").stdout
     assert out.startswith("usage: di-assets") and "--help" in out
@@ -78,3 +79,17 @@ def test_a_missing_classifier_file_stops_before_any_work(tmp_path):
 def test_report_before_any_diagnosis_says_what_to_do(tmp_path):
     p = di("report", "--storage", str(tmp_path), check=False)
     assert p.returncode != 0 and "di-assets run" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_export_encoder_root_in_the_papers_format(tmp_path, tiny):
+    import torch
+
+    from di_assets.cli import main
+    from di_assets.ml.encoder_root import create_token_dictionary
+
+    root = create_token_dictionary([torch.randn(32) * 0.1, torch.randn(32) * 0.1], ["<circle>", "<star>"],
+                                   ["circle", "star"], tmp_path / "root", model=tiny)
+    assert main(["export-encoder-root", "--src", str(root), str(tmp_path / "paper")]) == 0
+    tokens = torch.load(tmp_path / "paper" / "tokens.pt", weights_only=True)
+    assert tokens == {"initializer_words": ["circle", "star"], "tokens": ["<circle>", "<star>"]}
+    assert (tmp_path / "paper" / "text_encoder").is_dir() and not (tmp_path / "paper" / "tokens.json").exists()

@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -140,3 +142,115 @@ def test_incremental_update_keeps_indices_and_other_rows(tiny, tmp_path):
     assert resolve_class(root, 3).key == "d"
     with pytest.raises(IndexError, match="no class with index 2"):
         resolve_class(root, 2)
+
+
+def _flat_strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _flat_strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _flat_strings(v)
+
+
+def test_numbered_class_folders_resolve_by_key_not_index(tiny, tmp_path):
+    """Keys "0".."11" sort as strings, so key "2" is not index 2; a str is a key, an int an index."""
+    from di_assets.ml.encoder_root import update_token_dictionary
+    from di_assets.ml.generate import GenerationConfig, generate_samples
+
+    keys = [str(i) for i in range(12)]
+    g = torch.Generator().manual_seed(3)
+    root = update_token_dictionary(tmp_path / "root", [torch.randn(32, generator=g) for _ in keys],
+                                   [f"<{k}>" for k in keys], keys, class_keys=keys, model=tiny)
+    by_index = {ct.index: ct for ct in class_tokens(root)}
+    assert by_index[2].key != "2"  # the situation of the issue
+    assert resolve_class(root, "2").key == "2" and resolve_class(root, "2").token == "<2>"
+    assert resolve_class(root, 2).key == by_index[2].key
+    assert resolve_class(root, np.int64(2)).key == by_index[2].key  # a numpy index is an index too
+    cfg = GenerationConfig.for_family("tiny", num_inference_steps=1)
+    s = generate_samples(root, "2", "a photo of a <TOKEN>", seeds=[0], config=cfg, model=tiny)
+    assert s[0].text == "a photo of a <2>"
+    with pytest.raises(KeyError, match="not an index"):
+        resolve_class(root, "12")  # no such key; never read as index 12
+    with pytest.raises(IndexError):
+        resolve_class(root, 12)
+
+
+def test_changing_num_vectors_rebuilds_that_class_only(tiny, tmp_path):
+    from di_assets.ml.encoder_root import embeds_digest, update_token_dictionary
+    from di_assets.ml.generate import generate
+
+    g = torch.Generator().manual_seed(4)
+    a, b, a2 = torch.randn(32, generator=g), torch.randn(32, generator=g), torch.randn(2, 32, generator=g)
+    root = tmp_path / "root"
+    kw = dict(class_keys=["a", "b"], model=tiny)
+    update_token_dictionary(root, [a, b], ["<a>", "<b>"], ["a", "b"], **kw)
+    before = {ct.key: ct for ct in class_tokens(root)}
+    _, enc0 = _load(root)
+    w0 = enc0.get_input_embeddings().weight.detach().clone()
+
+    update_token_dictionary(root, [a2, b], ["<a>", "<b>"], ["a", "b"], **kw)  # a: 1 vector -> 2
+    after = {ct.key: ct for ct in class_tokens(root)}
+    assert after["b"] == before["b"]  # index, token ids, digest
+    assert after["a"].index == before["a"].index and len(after["a"].token_ids) == 2
+    assert after["a"].token_ids[0] == before["a"].token_ids[0]
+    tok1, enc1 = _load(root)
+    w1 = enc1.get_input_embeddings().weight
+    assert tok1.convert_tokens_to_ids(["<a>", "<a>_1"]) == list(after["a"].token_ids)
+    assert torch.allclose(w1[list(after["a"].token_ids)], a2)
+    assert torch.equal(w1[before["b"].token_ids[0]], w0[before["b"].token_ids[0]])
+    meta = json.loads((root / "tokens.json").read_text())
+    entry = {e["key"]: e for e in meta["classes"]}
+    assert entry["a"]["token_ids"] == list(after["a"].token_ids) and entry["a"]["embeds_sha"] == embeds_digest(a2)
+    assert entry["b"]["token_ids"] == list(before["b"].token_ids) and entry["b"]["index"] == before["b"].index
+    assert len(generate(root, "a", "a photo of a <TOKEN>", num_samples=1, random_seed=0, model=tiny,
+                        num_inference_steps=1)) == 1
+
+    update_token_dictionary(root, [a, b], ["<a>", "<b>"], ["a", "b"], **kw)  # and back to 1 vector
+    back = {ct.key: ct for ct in class_tokens(root)}
+    assert back["a"].token_ids == before["a"].token_ids and back["b"] == before["b"]
+    tok2, enc2 = _load(root)
+    assert "<a>_1" not in tok2.get_vocab()  # retired: no pipeline expands <a> to two vectors any more
+    assert len(tok2) == len(tok1)  # no id moved
+    assert tok2.convert_tokens_to_ids(["<a>", "<b>"]) == [before["a"].token_ids[0], before["b"].token_ids[0]]
+    assert torch.allclose(enc2.get_input_embeddings().weight[before["a"].token_ids[0]], a)
+    assert len(generate(root, "a", "a photo of a <TOKEN>", num_samples=1, random_seed=0, model=tiny,
+                        num_inference_steps=1)) == 1
+
+
+def test_a_root_moves_to_another_folder(tiny, tmp_path, caplog):
+    import logging
+    import shutil
+
+    import di_assets
+    from di_assets.ml.encoder_root import update_token_dictionary
+    from di_assets.ml.generate import generate, model_spec_for
+
+    g = torch.Generator().manual_seed(5)
+    m, n = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    made = create_token_dictionary([m], ["<m>"], ["m"], tmp_path / "a" / "root", model=tiny)
+    text = (made / "tokens.json").read_text()
+    meta = json.loads(text)
+    package = str(Path(di_assets.__file__).resolve().parent.parent)
+    assert not [s for s in _flat_strings(meta) if Path(s).is_absolute() or package in s or str(tmp_path) in s]
+    ref = generate(made, 0, "a photo of a <TOKEN>", num_samples=1, random_seed=0, num_inference_steps=2)
+
+    moved = Path(shutil.copytree(made, tmp_path / "b" / "root"))
+    shutil.rmtree(made)
+    here = generate(moved, 0, "a photo of a <TOKEN>", num_samples=1, random_seed=0, num_inference_steps=2)
+    assert (np.asarray(here[0]) == np.asarray(ref[0])).all()
+
+    # A root written before, with the absolute path of another machine's package, still works.
+    meta["base_model"] = "/home/someone/src/di-assets/di_assets/reference_world/weights/diffusion"
+    (moved / "tokens.json").write_text(json.dumps(meta))
+    assert model_spec_for(moved, None).resolved().diffusion == tiny.resolved().diffusion
+    old = generate(moved, 0, "a photo of a <TOKEN>", num_samples=1, random_seed=0, num_inference_steps=2)
+    assert (np.asarray(old[0]) == np.asarray(ref[0])).all()
+    # ... and an update keeps it (the same base model: no rebuild), rewriting the path portably
+    with caplog.at_level(logging.WARNING, logger="di_assets"):
+        update_token_dictionary(moved, [m, n], ["<m>", "<n>"], ["m", "n"], class_keys=["m", "n"], model=tiny)
+    assert "rebuilding" not in caplog.text
+    assert [(ct.key, ct.index) for ct in class_tokens(moved)] == [("m", 0), ("n", 1)]
+    assert not [s for s in _flat_strings(json.loads((moved / "tokens.json").read_text())) if Path(s).is_absolute()]

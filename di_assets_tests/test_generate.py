@@ -46,3 +46,27 @@ def test_prompts_use_the_token_or_the_class_name(root):
 def test_prompt_without_placeholder_is_refused(root):
     with pytest.raises(ValueError, match="no <TOKEN> placeholder"):
         generate(root, 0, "a photo of a dog", num_samples=1, random_seed=0)
+
+
+def test_multi_vector_tokens_reach_the_text_encoder_once_each(tiny, tmp_path):
+    """`<TOKEN>` of a 3-vector class: the text encoder sees its 3 placeholder ids, once each, in order."""
+    from di_assets.ml.encoder_root import load_encoder_root, resolve_class
+
+    g = torch.Generator().manual_seed(1)
+    root = create_token_dictionary([torch.randn(3, 32, generator=g), torch.randn(2, 32, generator=g)],
+                                   ["<star>", "<dot>"], ["star", "dot"], tmp_path / "root", model=tiny)
+    star = resolve_class(root, "star")
+    _, text_encoder = load_encoder_root(root, "cpu", torch.float32)  # the pipeline's (cached) text encoder
+    first_new = min(star.token_ids + resolve_class(root, "dot").token_ids)
+    seen = []
+    hook = text_encoder.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        samples = generate_samples(root, "star", ["a photo of a <TOKEN> in the snow", "a <TOKEN>"], seeds=[0],
+                                   model=tiny, config=GenerationConfig.for_family("tiny", num_inference_steps=1))
+    finally:
+        hook.remove()
+    assert samples[0].text == "a photo of a <star> <star>_1 <star>_2 in the snow"
+    prompt_rows = torch.cat(seen)
+    placeholder = [[i for i in row.tolist() if i >= first_new] for row in prompt_rows]
+    # two prompts and their two unconditional (empty) prompts
+    assert sorted(placeholder) == [[], [], list(star.token_ids), list(star.token_ids)]

@@ -61,3 +61,40 @@ def test_device_and_dtype_selection():
         resolve_dtype("float16", "cpu")
     with pytest.raises(ValueError, match="unknown model family"):
         ModelSpec(family="dalle")
+
+
+def test_no_clip_is_loaded_where_none_is_needed(tiny_cache):
+    """Resolving a spec, textual inversion and the encoder root never import open_clip."""
+    import os
+    import subprocess
+    import sys
+
+    from di_assets_tests.conftest import EXAMPLE
+
+    code = f"""
+import sys, tempfile, torch
+from pathlib import Path
+from di_assets.ml.models import ModelSpec, SHIPPED_CLIP
+spec = ModelSpec(device="cpu").resolved()
+assert spec.clip_model == "di-tiny-clip" and spec.clip_pretrained, spec
+assert "open_clip" not in sys.modules, "ModelSpec.resolved() imported open_clip"
+from di_assets.ml.encoder_root import create_token_dictionary
+from di_assets.ml.textual_inversion import run_textual_inversion
+res = run_textual_inversion({str(EXAMPLE / 'circle')!r}, "<c>", "circle", model=spec, steps=1, batch_size=1)
+create_token_dictionary([res], ["<c>"], ["circle"], Path(tempfile.mkdtemp()) / "root", model=spec)
+assert "open_clip" not in sys.modules, "textual inversion or the encoder root imported open_clip"
+print("no open_clip")
+"""
+    env = {**os.environ, "DI_ASSETS_CACHE": str(tiny_cache)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no open_clip" in done.stdout
+
+
+def test_the_clip_scorer_still_loads_lazily():
+    from di_assets.ml.models import load_clip, tiny_clip_checkpoint
+
+    spec = ModelSpec(device="cpu").resolved()
+    assert spec.clip_pretrained == str(tiny_clip_checkpoint())
+    model, preprocess, tokenizer = load_clip(spec)
+    assert model is not None and tokenizer(["a photo"]).shape[0] == 1

@@ -72,6 +72,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         from di_assets.ml.encoder_root import embeds_digest, resolve_class
         from di_assets.ml.generate import generate_samples
         from di_assets.ml.io import atomic_dir
+        from di_assets.ml.models import portable_base_model
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
         # On a machine with several GPUs, this step holds one of them until it ends.
@@ -96,7 +97,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                         s.image.save(tmp / f"{s.seed}.png")
                     (tmp / MANIFEST).write_text(json.dumps({
                         "class": key, "shift": shift_key, "prompt": shift.prompt, "caption": shift.caption,
-                        "model": spec.resolved().diffusion, "settings": cfg.__dict__,
+                        "model": portable_base_model(spec.resolved().diffusion), "settings": cfg.__dict__,
                         "images": [{"seed": s.seed, "file": f"{s.seed}.png", "prompt": s.prompt, "text": s.text}
                                    for s in samples],
                     }, indent=2) + "\n")

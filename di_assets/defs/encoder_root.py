@@ -18,6 +18,7 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
     )
     def encoder_root(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource) -> dg.MaterializeResult:
         from di_assets.ml.encoder_root import class_tokens, update_token_dictionary
+        from di_assets.ml.models import portable_base_model
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
         classes = storage.classes()
@@ -43,7 +44,7 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
             # What each class's token holds is versioned by its class_token partition; the root's
             # own version is its layout (base model), so updating one class's row does not make
             # every other class's counterfactuals stale.
-            data_version=dg.DataVersion(f"{code_version}:{spec.resolved().diffusion}"),
+            data_version=dg.DataVersion(f"{code_version}:{portable_base_model(spec.resolved().diffusion)}"),
         )
 
     return encoder_root

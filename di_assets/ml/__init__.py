@@ -11,7 +11,7 @@ _EXPORTS = {
     "create_token_dictionary": "encoder_root", "class_tokens": "encoder_root", "resolve_class": "encoder_root",
     "generate": "generate", "generate_samples": "generate", "GenerationConfig": "generate",
     "clip_similarity": "clip_metric", "ClipScorer": "clip_metric", "get_scorer": "clip_metric",
-    "import_imagenet_star": "imagenet_star",
+    "import_imagenet_star": "imagenet_star", "export_encoder_root": "paper_format",
     "ModelSpec": "models",
     "evaluate": "diagnosis", "ClassifierSpec": "classifiers", "load_classifier": "classifiers",
     "FilterRule": "clip_metric",

@@ -6,6 +6,10 @@ Layout (what `generate` reads):
       tokenizer/       CLIPTokenizer.save_pretrained, with the class tokens added
       text_encoder/    CLIPTextModel.save_pretrained, embeddings resized once
       tokens.json      base model, and per class: index, key, name, token, token ids
+
+`tokens.json` names the base model portably (a Hub id, a user's folder as given, or a marker
+such as `di-assets:tiny` for the embedded models), so a root can move to another machine.
+`generate` also reads roots in the paper's format (`tokens.pt`; see `paper_format`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,12 +28,14 @@ import torch
 
 from .classes import class_key
 from .io import atomic_dir
-from .models import ModelSpec, load_base_text_encoder
+from .models import ModelSpec, _is_local, load_base_text_encoder, portable_base_model
 from .textual_inversion import TextualInversionResult, check_new_tokens, placeholder_tokens
 
 log = logging.getLogger("di_assets")
 
 TOKENS_FILE = "tokens.json"
+PAPER_TOKENS_FILE = "tokens.pt"  # the paper's root (MadryLab/dataset-interfaces `create_encoder`)
+RETIRED = "<di-retired-{}>"  # the tokenizer's name for a row no class uses any more
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,20 @@ def update_token_dictionary(
 
     A class already in the root keeps its index and token ids, and its rows are replaced; a
     new class is appended (one resize for all new ones); a class not listed leaves
-    `tokens.json` (its rows stay, inert, so no other id moves). Without an existing root, or
-    with one of another base model, this builds a new root.
+    `tokens.json` (its rows stay, inert, so no other id moves). A class whose token now has
+    another number of vectors keeps its index and its first ids: extra vectors get new rows at
+    the end, and rows it no longer uses are retired (renamed in the tokenizer, so `<t>_1` no
+    longer expands). Without an existing root, or with one of another base model, this builds
+    a new root.
     """
     spec = (model or ModelSpec()).resolved()
     root = Path(encoder_root)
     items = _items(embeds, tokens, class_names, class_keys)
     meta = read_tokens(root) if (root / TOKENS_FILE).exists() else None
-    if meta is None or meta.get("base_model") != spec.diffusion:
+    if meta is None and (root / PAPER_TOKENS_FILE).exists():
+        raise ValueError(f"{root} is an encoder root in the paper's format; convert it first with "
+                         f"export_encoder_root({str(root)!r}, out_dir, format='di-assets'), or choose another folder")
+    if meta is None or portable_base_model(meta.get("base_model")) != portable_base_model(spec.diffusion):
         if meta is not None:
             log.warning("encoder root %s was built on %s; rebuilding it on %s", root, meta.get("base_model"), spec.diffusion)
         order = {e["key"]: e["index"] for e in (meta or {}).get("classes", [])}
@@ -130,16 +143,22 @@ def embeds_digest(matrix: torch.Tensor) -> str:
 
 def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, spec, out: Path) -> Path:
     dim = text_encoder.get_input_embeddings().embedding_dim
-    replaced, appended = [], []
+    # replaced: (index, key, token, name, vectors, kept ids, names of the extra vectors)
+    replaced, appended, retired = [], [], []
     for key, tok, name, m in items:
         if m.shape[-1] != dim:
             raise ValueError(f"embedding for {tok} has dimension {m.shape[-1]}, but the text encoder expects {dim}")
         old = existing.get(key)
-        if old is not None and old["token"] == tok and len(old["token_ids"]) == m.shape[0]:
-            replaced.append((old["index"], key, tok, name, m, old["token_ids"]))
+        if old is not None and old["token"] == tok:
+            ids, k = list(old["token_ids"]), m.shape[0]
+            retired += ids[k:]  # fewer vectors than before: the surplus rows go out of use
+            replaced.append((old["index"], key, tok, name, m, ids[:k], placeholder_tokens(tok, k)[len(ids):]))
         else:
             appended.append((key, tok, name, m))
-    new_names = [n for _, tok, _, m in appended for n in placeholder_tokens(tok, m.shape[0])]
+    if retired:
+        tokenizer = _retire(tokenizer, retired, spec)
+    grown = [n for *_, extra in replaced for n in extra]
+    new_names = grown + [n for _, tok, _, m in appended for n in placeholder_tokens(tok, m.shape[0])]
     repeated = {t for t in new_names if new_names.count(t) > 1}
     if repeated:
         raise ValueError(f"tokens must be unique; repeated: {sorted(repeated)}")
@@ -148,8 +167,13 @@ def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, s
     row = len(tokenizer)
     if new_names:
         tokenizer.add_tokens(new_names)
+        if tokenizer.convert_tokens_to_ids(new_names) != list(range(row, row + len(new_names))):
+            raise RuntimeError("the tokenizer did not append the new tokens at the end of its vocabulary")
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # one resize for all
-    placed = list(replaced)
+    placed = []
+    for index, key, tok, name, m, kept, extra in replaced:
+        placed.append((index, key, tok, name, m, kept + list(range(row, row + len(extra)))))
+        row += len(extra)
     for key, tok, name, m in appended:
         placed.append((next_index, key, tok, name, m, list(range(row, row + m.shape[0]))))
         next_index += 1
@@ -163,20 +187,62 @@ def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, s
                             "embeds_sha": embeds_digest(m)})
 
     with atomic_dir(out) as tmp:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        (tmp / TOKENS_FILE).write_text(json.dumps({
-            "family": spec.family, "base_model": spec.diffusion, "next_index": next_index, "classes": entries,
-        }, indent=2) + "\n")
-    log.info("encoder root %s: %d classes (%d appended, %d replaced)", out, len(entries), len(appended), len(replaced))
+        write_root(tmp, tokenizer, text_encoder, family=spec.family, base_model=spec.diffusion,
+                   next_index=next_index, entries=entries)
+    log.info("encoder root %s: %d classes (%d appended, %d replaced, %d rows retired)", out, len(entries),
+             len(appended), len(replaced), len(retired))
     return out
 
 
+def write_root(folder: Path, tokenizer, text_encoder, *, family: str, base_model: str, next_index: int,
+               entries: list[dict]) -> None:
+    """Write a di-assets root's files into `folder` (the caller makes it atomic)."""
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    (folder / TOKENS_FILE).write_text(json.dumps({
+        "family": family, "base_model": portable_base_model(base_model), "next_index": next_index,
+        "classes": entries,
+    }, indent=2) + "\n")
+
+
+def _retire(tokenizer, ids: list[int], spec: ModelSpec):
+    """The same tokenizer (every id unchanged) with the tokens of `ids` renamed out of use.
+
+    A tokenizer cannot drop an added token, so it is rebuilt: the base tokenizer, then every
+    added token in id order, a retired one under a name no prompt holds.
+    """
+    from transformers import CLIPTokenizer
+
+    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    fresh = CLIPTokenizer.from_pretrained(spec.diffusion, subfolder="tokenizer", **kw)
+    first = len(fresh)
+    gone = set(ids)
+    names = [RETIRED.format(i) if i in gone else t
+             for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(first, len(tokenizer)))), first)]
+    fresh.add_tokens(names)
+    if len(fresh) != len(tokenizer) or fresh.convert_tokens_to_ids(names) != list(range(first, len(tokenizer))):
+        raise RuntimeError("could not rebuild the encoder root's tokenizer with the same ids; rebuild the root")
+    return fresh
+
+
+def root_marker(encoder_root) -> Path:
+    """The file that makes a folder an encoder root: `tokens.json`, or the paper's `tokens.pt`."""
+    root = Path(encoder_root)
+    for name in (TOKENS_FILE, PAPER_TOKENS_FILE):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"{encoder_root} is not an encoder root: {TOKENS_FILE} (or the paper's "
+                            f"{PAPER_TOKENS_FILE}) is missing")
+
+
 def read_tokens(encoder_root) -> dict:
-    path = Path(encoder_root) / TOKENS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{encoder_root} is not an encoder root: {TOKENS_FILE} is missing")
-    return json.loads(path.read_text())
+    """`tokens.json` of a root; for a root in the paper's format, the same fields read from it."""
+    marker = root_marker(encoder_root)
+    if marker.name == PAPER_TOKENS_FILE:
+        from .paper_format import read_paper_root
+
+        return read_paper_root(encoder_root)
+    return json.loads(marker.read_text())
 
 
 def class_tokens(encoder_root) -> list[ClassToken]:
@@ -185,28 +251,33 @@ def class_tokens(encoder_root) -> list[ClassToken]:
 
 
 def resolve_class(encoder_root, c) -> ClassToken:
-    """A class by index (int) or by key or display name (str)."""
+    """A class by index (an int) or by key, else display name, else token (a str).
+
+    A str is never read as an index: class folders named `0`, `1`, ... `11` have those keys,
+    and their indices follow another order.
+    """
     classes = class_tokens(encoder_root)
-    if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
+    if isinstance(c, numbers.Integral) and not isinstance(c, bool):
         i = int(c)
         for ct in classes:
             if ct.index == i:
                 return ct
         raise IndexError(f"no class with index {i}: the encoder root has {len(classes)} classes "
                          f"(indices {', '.join(str(ct.index) for ct in classes[:20])})")
-    for ct in classes:
-        if c in (ct.key, ct.name, ct.token):
-            return ct
-    raise KeyError(f"no class {c!r} in {encoder_root}; known keys: {', '.join(ct.key for ct in classes[:20])}")
+    if not isinstance(c, str):
+        raise TypeError(f"a class is an index (int) or a key, name or token (str); got {type(c).__name__} {c!r}")
+    for field in ("key", "name", "token"):
+        for ct in classes:
+            if getattr(ct, field) == c:
+                return ct
+    hint = "; a str is a key, not an index: pass int(...) for an index" if c.strip().isdigit() else ""
+    raise KeyError(f"no class {c!r} in {encoder_root}; known keys: {', '.join(ct.key for ct in classes[:20])}{hint}")
 
 
 def load_encoder_root(encoder_root, device: str, dtype: torch.dtype):
     """Tokenizer and text encoder of an encoder root, loaded once per process (until it is rebuilt)."""
     root = Path(encoder_root).resolve()
-    tokens = root / TOKENS_FILE
-    if not tokens.is_file():
-        raise FileNotFoundError(f"{encoder_root} is not an encoder root: {TOKENS_FILE} is missing")
-    return _load_encoder_root(str(root), tokens.stat().st_mtime_ns, device, dtype)
+    return _load_encoder_root(str(root), root_marker(root).stat().st_mtime_ns, device, dtype)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,14 +1,20 @@
 """Counterfactual generation: prompts with `<TOKEN>` through a Stable Diffusion pipeline.
 
 The pipeline is assembled once per process from the cached UNet/VAE of the base model and
-the cached tokenizer/text encoder of the encoder root. Every image has its own seed (and its
-own torch.Generator), so any single image can be regenerated alone, in any batch.
+the cached tokenizer/text encoder of the encoder root. By default every image has its own seed
+(and its own torch.Generator), so any single image can be regenerated alone, in any batch;
+`seed_mode="paper"` draws the images of a prompt one after another from one generator, as the
+paper's code does.
+
+The text encoder sees exactly the prompt as filled in: `<TOKEN>` becomes every vector of the
+class token (`<t> <t>_1 ...`) once, and the pipeline's own multi-vector expansion is off.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,12 +22,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from .encoder_root import ClassToken, load_encoder_root, read_tokens, resolve_class
 from .defaults import GENERATION
-from .models import ModelSpec, load_diffusion_components, load_scheduler, native_resolution, torch_dtype
+from .encoder_root import ClassToken, load_encoder_root, read_tokens, resolve_class, root_marker
+from .models import (
+    ModelSpec, base_model_location, load_diffusion_components, load_scheduler, native_resolution, torch_dtype,
+)
 from .shifts import TOKEN, check_prompt
 
 log = logging.getLogger("di_assets")
+
+SEED_MODES = ("per_image", "paper")
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,15 @@ class GenerationConfig:
     resolution: int | None = GENERATION["sd"]["resolution"]  # None: the model's native size
     negative_prompt: str = GENERATION["sd"]["negative_prompt"]
     batch_size: int = GENERATION["sd"]["batch_size"]
+    # per_image: image j of a prompt from its own generator seeded `seed + j` (batched, each image
+    # reproducible alone). paper: one generator per prompt seeded `seed`, its images drawn one after
+    # another, one pipeline call each (the paper's `generate`; batch_size is not used).
+    seed_mode: str = "per_image"
+    output_size: int | None = None  # resize every image to this square size (the paper: 512); None keeps it
+
+    def __post_init__(self):
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"unknown seed_mode {self.seed_mode!r}; choose one of {', '.join(SEED_MODES)}")
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "GenerationConfig":
@@ -45,6 +64,7 @@ class Sample:
     text: str  # what the model saw
     seed: int
     image: object  # PIL.Image
+    draw: int = 0  # seed_mode="paper": the image's place in its generator's sequence
 
 
 def model_spec_for(encoder_root, model: ModelSpec | None) -> ModelSpec:
@@ -52,7 +72,11 @@ def model_spec_for(encoder_root, model: ModelSpec | None) -> ModelSpec:
     if model is not None:
         return model
     meta = read_tokens(encoder_root)
-    return ModelSpec(family=meta.get("family", "tiny"), diffusion=meta.get("base_model"))
+    return ModelSpec(family=meta.get("family", "tiny"), diffusion=base_model_location(meta.get("base_model")))
+
+
+def _prompt_as_written(prompt, tokenizer=None):
+    return prompt
 
 
 @functools.lru_cache(maxsize=4)
@@ -67,13 +91,16 @@ def _pipeline(spec: ModelSpec, encoder_root: str, stamp: int, scheduler: str):
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    # Prompts arrive with every vector of a token written out (`fill_prompt`); diffusers' textual-
+    # inversion conversion would add `<t>_1 ...` after `<t>` once more.
+    pipe.maybe_convert_prompt = _prompt_as_written
     return pipe
 
 
 def get_pipeline(encoder_root, model: ModelSpec | None = None, scheduler: str = "euler"):
     spec = model_spec_for(encoder_root, model).resolved()
     root = Path(encoder_root).resolve()
-    return _pipeline(spec, str(root), (root / "tokens.json").stat().st_mtime_ns, scheduler)
+    return _pipeline(spec, str(root), root_marker(root).stat().st_mtime_ns, scheduler)
 
 
 def fill_prompt(prompt: str, ct: ClassToken, use_token: bool = True) -> str:
@@ -91,18 +118,47 @@ def generate_samples(
     model: ModelSpec | None = None,
     config: GenerationConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    draws: int = 1,
 ) -> list[Sample]:
-    """One image per (prompt, seed), prompt-major, in batches of `config.batch_size`."""
+    """Images of class `c` (an int index, or a str key / name / token), prompt-major.
+
+    `config.seed_mode="per_image"` (the default): one image per (prompt, seed), each from its
+    own generator seeded with that seed, in batches of `config.batch_size`.
+    `config.seed_mode="paper"`: per (prompt, seed), one generator seeded with `seed` draws
+    `draws` images one after another, one pipeline call per image, as the paper's `generate`
+    does; `Sample.draw` is an image's place in that sequence.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ct = resolve_class(encoder_root, c)
     texts = [fill_prompt(p, ct, use_token) for p in prompts]
     spec = model_spec_for(encoder_root, model).resolved()
     cfg = config or GenerationConfig.for_family(spec.family)
+    if draws < 1 or (draws > 1 and cfg.seed_mode != "paper"):
+        raise ValueError(f"draws={draws}: several draws per seed need seed_mode='paper' (per_image: one image per seed)")
     pipe = get_pipeline(encoder_root, spec, cfg.scheduler)
     size = cfg.resolution or native_resolution(pipe.unet, pipe.vae)
-    jobs = [(p, t, s) for p, t in zip(prompts, texts) for s in seeds]
     gen_device = "cpu" if spec.device == "mps" else spec.device
+    settings = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                    height=size, width=size, output_type="pil")
+
+    def finish(im):
+        return im.resize((cfg.output_size, cfg.output_size)) if cfg.output_size else im  # PIL: bicubic
+
     out: list[Sample] = []
+    if cfg.seed_mode == "paper":
+        total = len(prompts) * len(seeds) * draws
+        for p, t in zip(prompts, texts):
+            for s in seeds:
+                generator = torch.Generator(gen_device).manual_seed(int(s))
+                for d in range(draws):
+                    with torch.inference_mode():
+                        image = pipe(prompt=t, negative_prompt=cfg.negative_prompt or None, generator=generator,
+                                     **settings).images[0]
+                    out.append(Sample(p, t, int(s), finish(image), d))
+                    if progress is not None:
+                        progress(len(out), total)
+        return out
+    jobs = [(p, t, s) for p, t in zip(prompts, texts) for s in seeds]
     for start in range(0, len(jobs), cfg.batch_size):
         batch = jobs[start:start + cfg.batch_size]
         with torch.inference_mode():
@@ -110,13 +166,41 @@ def generate_samples(
                 prompt=[t for _, t, _ in batch],
                 negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
                 generator=[torch.Generator(gen_device).manual_seed(int(s)) for _, _, s in batch],
-                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                height=size, width=size, output_type="pil",
+                **settings,
             ).images
-        out += [Sample(p, t, int(s), im) for (p, t, s), im in zip(batch, images)]
+        out += [Sample(p, t, int(s), finish(im)) for (p, t, s), im in zip(batch, images)]
         if progress is not None:
             progress(len(out), len(jobs))
     return out
+
+
+def _prompt_seeds(random_seed, n_prompts: int) -> list[int]:
+    """One starting seed per prompt from what the paper's `generate` accepts.
+
+    An int is every prompt's seed; a sequence (a list, or a `range` as the paper's notebook
+    passes) gives one seed per prompt; -1 (the paper's default) or None means unseeded: a seed
+    is drawn at random (one for the call, so the prompts' images still share their noise).
+    """
+    def integral(s) -> bool:
+        return isinstance(s, numbers.Integral) and not isinstance(s, bool)
+
+    def one(s):
+        if s is None or (integral(s) and int(s) == -1):
+            return None
+        if integral(s):
+            return int(s)
+        raise TypeError(f"random_seed must be an int, None, or one int per prompt; got {type(s).__name__} {s!r}")
+
+    if random_seed is None or integral(random_seed):
+        seeds = [one(random_seed)] * n_prompts
+    elif isinstance(random_seed, (str, bytes)) or not hasattr(random_seed, "__len__"):
+        raise TypeError(f"random_seed must be an int, None, or one int per prompt; got {random_seed!r}")
+    else:
+        seeds = [one(s) for s in random_seed]
+        if len(seeds) != n_prompts:
+            raise ValueError(f"random_seed gives {len(seeds)} seeds for {n_prompts} prompts; give one per prompt")
+    drawn = random.SystemRandom().randrange(2**31)
+    return [drawn if s is None else s for s in seeds]
 
 
 def generate(
@@ -124,28 +208,56 @@ def generate(
     c,
     prompts: str | Sequence[str],
     num_samples: int = 1,
-    random_seed: int | None = None,
+    random_seed: int | Sequence[int] | None = None,
     *,
     use_token: bool = True,
     model: ModelSpec | None = None,
+    seed_mode: str | None = None,
     **settings,
 ):
-    """Generate `num_samples` images per prompt for class `c` (index or key), as in the paper.
+    """Generate `num_samples` images per prompt for class `c`, with the paper's call patterns.
 
-    Sample `j` of every prompt uses seed `random_seed + j`, so shifts of one class share
-    their starting noise. `use_token=False` puts the class name in place of the token (the
-    baseline). `settings` are GenerationConfig fields (guidance_scale, num_inference_steps,
-    scheduler, resolution, negative_prompt, batch_size).
+    `c` is an int index, or a str key (else display name, else token); a str is never an
+    index. `prompts` is one prompt (returns a list of images) or a list of prompts (returns
+    one list of images per prompt). `random_seed` is an int, one int per prompt (a list or a
+    `range`), or None / -1 (the paper's default) for a random seed. `use_token=False` puts
+    the class name in place of the token (the baseline).
+
+    `seed_mode`:
+      - `"per_image"` (the default): image `j` of a prompt comes from its own generator seeded
+        `seed + j`, so any image can be regenerated alone and the shifts of one class share
+        their starting noise.
+      - `"paper"`: as the paper's `generate`: one `torch.Generator` per prompt seeded `seed`,
+        the prompt's images drawn from it one after another, one pipeline call per image.
+        Image `j` then depends on images `0..j-1` and on the step count. The paper's own
+        images also need its model and settings: `model=ModelSpec(family="sd",
+        dtype="float16")` on CUDA (it seeds a CUDA generator and runs SD2 in float16), 50
+        steps, guidance 7.5 and the Euler scheduler (the `sd` defaults), and `output_size=512`
+        (it resizes every image to 512x512).
+
+    `settings` are GenerationConfig fields (guidance_scale, num_inference_steps, scheduler,
+    resolution, negative_prompt, batch_size, output_size).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if random_seed is None:
-        random_seed = random.SystemRandom().randrange(2**31)
+    single = isinstance(prompts, str)
+    prompt_list = [prompts] if single else list(prompts)
+    seeds = _prompt_seeds(random_seed, len(prompt_list))
     spec = model_spec_for(encoder_root, model)
-    cfg = GenerationConfig.for_family(spec.family, **settings)
-    samples = generate_samples(encoder_root, c, prompts, seeds=range(random_seed, random_seed + num_samples),
-                               use_token=use_token, model=spec, config=cfg)
-    return [s.image for s in samples]
+    cfg = GenerationConfig.for_family(spec.family, seed_mode=seed_mode, **settings)
+    paper = cfg.seed_mode == "paper"
+    groups: dict[int, list[int]] = {}  # prompts that share a seed go in one call (per_image batches them)
+    for i, s in enumerate(seeds):
+        groups.setdefault(s, []).append(i)
+    rows: dict[int, list] = {}
+    for s, idx in groups.items():
+        samples = generate_samples(encoder_root, c, [prompt_list[i] for i in idx],
+                                   seeds=[s] if paper else range(s, s + num_samples), use_token=use_token,
+                                   model=spec, config=cfg, draws=num_samples if paper else 1)
+        for k, i in enumerate(idx):
+            rows[i] = [x.image for x in samples[k * num_samples:(k + 1) * num_samples]]
+    out = [rows[i] for i in range(len(prompt_list))]
+    return out[0] if single else out
 
 
 def contact_sheet(rows, row_labels=(), col_labels=(), size: int = 64):

@@ -66,11 +66,15 @@ class ModelSpec:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
     def resolved(self) -> "ModelSpec":
-        """Fill family defaults and resolve `auto` device/dtype."""
+        """Fill family defaults and resolve `auto` device/dtype.
+
+        Cheap: the CLIP fields are names and paths only (open_clip is not imported and the tiny
+        scorer is neither registered nor built here; `load_clip` does that when a CLIP is used).
+        """
         if self.family == "tiny":
             diffusion = self.diffusion or str(tiny_diffusion_dir())
             clip_model = self.clip_model or TINY_CLIP_NAME
-            clip_pretrained = self.clip_pretrained or str(tiny_clip_checkpoint())
+            clip_pretrained = self.clip_pretrained or str(tiny_clip_path())
         else:
             diffusion = self.diffusion or "stabilityai/stable-diffusion-2"
             clip_model = self.clip_model or "ViT-H-14"
@@ -131,15 +135,62 @@ def tiny_diffusion_dir(trained: bool = True) -> Path:
 
 
 
+def tiny_clip_path() -> Path:
+    """Where the tiny scorer's weights are (or will be built): a path only, no import, no build."""
+    if SHIPPED_CLIP.exists():
+        return SHIPPED_CLIP
+    return cache_root() / TINY_VERSION / "clip" / "open_clip_model.safetensors"
+
+
 def tiny_clip_checkpoint() -> Path:
     """The tiny scorer's weights: the ones trained on the reference world, else random ones."""
     register_tiny_clip()
-    if SHIPPED_CLIP.exists():
-        return SHIPPED_CLIP
-    path = cache_root() / TINY_VERSION / "clip" / "open_clip_model.safetensors"
+    path = tiny_clip_path()
     if not path.exists():
         _build_tiny_clip(path)
     return path
+
+
+# What `tokens.json` stores for the tiny models: never a path of the machine that wrote it.
+TINY_MARKER = "di-assets:tiny"  # the shipped model trained on the reference world
+TINY_UNTRAINED_MARKER = f"di-assets:{TINY_VERSION}-untrained"  # the architecture with its seeded weights
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def portable_base_model(diffusion: str | None) -> str | None:
+    """The name an encoder root stores for its base model: a Hub id or a user's folder as given,
+    a marker for the tiny models. Absolute paths of a tiny model (old roots, other machines) map
+    to their marker too."""
+    if not diffusion or diffusion.startswith("di-assets:"):
+        return diffusion
+    untrained = cache_root() / TINY_VERSION / "diffusion"
+    if _same_path(diffusion, SHIPPED_DIFFUSION):
+        return TINY_MARKER
+    if _same_path(diffusion, untrained):
+        return TINY_UNTRAINED_MARKER
+    if not Path(diffusion).exists():  # written elsewhere: recognise the package's and the cache's layout
+        parts = Path(diffusion.replace("\\", "/")).parts
+        if parts[-4:] == ("di_assets", "reference_world", "weights", "diffusion"):
+            return TINY_MARKER
+        if parts[-2:] == (TINY_VERSION, "diffusion"):
+            return TINY_UNTRAINED_MARKER
+    return diffusion
+
+
+def base_model_location(stored: str | None) -> str | None:
+    """Where to load a stored base model from on this machine (the inverse of `portable_base_model`)."""
+    stored = portable_base_model(stored)
+    if stored == TINY_MARKER:
+        return str(SHIPPED_DIFFUSION if (SHIPPED_DIFFUSION / "model_index.json").exists() else tiny_diffusion_dir())
+    if stored == TINY_UNTRAINED_MARKER:
+        return str(tiny_diffusion_dir(trained=False))
+    return stored
 
 
 def clip_bpe_files(out_dir: Path) -> tuple[Path, Path]:
@@ -328,6 +379,8 @@ def _load_clip(spec: ModelSpec):
     import open_clip
 
     register_tiny_clip()
+    if spec.clip_model == TINY_CLIP_NAME and _same_path(spec.clip_pretrained, tiny_clip_path()):
+        tiny_clip_checkpoint()  # built on first use
     log.info("loading CLIP %s (%s) on %s (%s)", spec.clip_model, spec.clip_pretrained, spec.device, spec.dtype)
     model, _, preprocess = open_clip.create_model_and_transforms(
         spec.clip_model, pretrained=spec.clip_pretrained, device=spec.device, precision=CLIP_PRECISION[spec.dtype],

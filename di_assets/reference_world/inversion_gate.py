@@ -62,7 +62,9 @@ def measure(workdir: Path, n_images: int = 16, per_prompt: int = 8, seed: int = 
            "steps": learned.steps, "eval_loss": [learned.initial_eval_loss, learned.final_eval_loss],
            "inversion_seconds": round(t_inversion, 1)}
     for key in ("learned", "initial"):
-        images = generate(root, key, prompts, num_samples=per_prompt, random_seed=seed + 1000, model=spec)
+        # a list of prompts gives one list of images per prompt, as in the paper
+        images = [im for row in generate(root, key, prompts, num_samples=per_prompt, random_seed=seed + 1000,
+                                         model=spec) for im in row]
         shapes, seen = judge_shapes(images), judge_contexts(images)
         out[key] = {
             "shape": sum(s == HIDDEN_SHAPE for s in shapes) / len(images),
