@@ -84,7 +84,8 @@ def read_partition(root: str | Path, class_key: str, shift: str):
 
 def evaluate(classifier, source, *, class_name: str | None = None, shifts: Sequence[str] | None = None,
              mapping: str | None = None, top_k: int = TOP_K):
-    """The classifier's top-k predictions, one row per image, as a pyarrow table (`.to_pandas()`).
+    """The classifier's top-k predictions, one row per image, as a pyarrow table (`.to_pylist()`,
+    or `.to_pandas()` where pandas is installed).
 
     `classifier`: a ClassifierSpec, a settings-style dict, or a loaded Classifier.
     `source`: a list of PIL images of the class `class_name` (or of unknown class: then correct@k
