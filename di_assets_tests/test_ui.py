@@ -366,7 +366,7 @@ def graph_box(ui: UI, pad: int = 32):
 
 def show_whole_graph(ui: UI) -> None:
     """The global lineage with every group open, wide enough that the nodes show their details."""
-    ui.resize(2200, 1000)
+    ui.resize(3000, 1300)  # eleven assets in four groups: wide enough that each node shows its kinds
     ui.open("/asset-groups")
     ui.expand_all_groups()
     ui.wait(lambda: all(name in ui.graph_nodes() for name in ASSETS), 30, "an asset is missing from the graph")
