@@ -169,6 +169,7 @@ def test_predictions_and_diagnosis(flow, tmp_path):
     record = instance.get_latest_materialization_event(dg.AssetKey("diagnosis")).asset_materialization
     assert record.metadata["worst_shifts"].value.records[0].data["classifier"] == "judge"
     assert "data:image/png;base64," in record.metadata["accuracy_per_shift_judge"].value
+    assert record.metadata["misclassified_judge"].value.startswith("**judge**, worst shift")
 
     from di_assets.cli import main
 

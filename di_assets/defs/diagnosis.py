@@ -4,7 +4,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from .metadata import png_markdown
+from .metadata import captioned_strip_markdown, png_markdown
 from .partitions import OWNERS
 from .predictions import prediction_key, real_prediction_key
 from .resources import StorageResource
@@ -45,7 +45,9 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
 
         from di_assets.ml.diagnosis import PREDICTIONS_DIR, create_views
         from di_assets.ml.io import atomic_path
-        from di_assets.ml.report import accuracy_chart, heatmap_chart, worst_shifts, write_report
+        from PIL import Image
+
+        from di_assets.ml.report import accuracy_chart, heatmap_chart, misclassified, worst_shifts, write_report
 
         root = Path(storage.root)
         if not any(root.glob(f"{PREDICTIONS_DIR}/*/*/*/*.parquet")):
@@ -54,9 +56,16 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
         with duckdb.get_connection() as con:
             create_views(con, root)
             report = write_report(con, root, root / REPORT)
-            rows, charts = [], {}
+            rows, charts, wrong = [], {}, {}
             for name in classifier_names:
-                rows += [{"classifier": name, **r} for r in worst_shifts(con, name, n=5)]
+                worst = worst_shifts(con, name, n=5)
+                rows += [{"classifier": name, **r} for r in worst]
+                if worst:  # the worst shift's misclassified images, with the CLIP filter's verdict
+                    shift = worst[0]["shift"]
+                    wrong[name] = (shift, [
+                        (Image.open(root / m["image_path"]).convert("RGB"),
+                         f"{m['label']} → {m['top1']} ({'kept' if m['kept'] else 'dropped'})")
+                        for m in misclassified(con, name, shift, n=6) if (root / m["image_path"]).exists()])
                 png = accuracy_chart(con, name)
                 with atomic_path(root / "diagnosis" / f"accuracy-{name}.png") as tmp:
                     tmp.write_bytes(png)
@@ -78,6 +87,9 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
             **{f"accuracy_per_shift_{n}": dg.MetadataValue.md(
                 png_markdown(chart, f"{n}: accuracy per shift") + "\n\n" + png_markdown(heat, f"{n}: class x shift"))
                for n, (chart, heat) in charts.items()},
+            **{f"misclassified_{n}": dg.MetadataValue.md(
+                f"**{n}**, worst shift `{shift}`: misclassified images (true → predicted)\n\n"
+                + captioned_strip_markdown(items)) for n, (shift, items) in wrong.items()},
         })
 
     return diagnosis

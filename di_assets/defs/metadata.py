@@ -50,3 +50,16 @@ def loss_curve_markdown(losses: list[float], width: int = 320, height: int = 120
 def png_markdown(png: bytes, alt: str) -> str:
     """A PNG (a chart) as a Markdown image; for run-wide records only, never one per partition."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def captioned_strip_markdown(items, size: int = 64) -> str:
+    """A row of small thumbnails, each under its caption (a one-row Markdown table)."""
+    if not items:
+        return "_none_"
+    cells = []
+    for image, _ in items:
+        im = image.copy()
+        im.thumbnail((size, size))
+        cells.append(f"![]({_data_uri(im)})")
+    captions = [c.replace("|", "/") for _, c in items]
+    return "| " + " | ".join(captions) + " |\n|" + "---|" * len(items) + "\n| " + " | ".join(cells) + " |"
