@@ -139,9 +139,13 @@ def _print_diagnosis(db: Path, shifts: list[str]) -> None:
 
     con = duckdb.connect(str(db), read_only=True)
     try:
-        kept = con.execute("SELECT count(*) FILTER (kept), count(*) FROM scores").fetchone()
-        print(f"\ndiagnosis: the CLIP filter kept {kept[0]} of {kept[1]} images; accuracy on kept images, "
-              "averaged over classes, and its drop from base with a 95% interval (* = significant):")
+        kept, total, no_shift, no_class = con.execute(
+            "SELECT count(*) FILTER (kept), count(*), count(*) FILTER (drop_reason LIKE '%shift not shown%'), "
+            "count(*) FILTER (drop_reason LIKE '%zero-shot%' OR drop_reason LIKE '%sim_class%') FROM scores").fetchone()
+        print(f"\ndiagnosis: the CLIP filter kept {kept} of {total} images ({no_shift} show no shift, {no_class} "
+              "do not look like their class; an image can fail both; see drop_reason in the scores).")
+        print("Accuracy on kept images, averaged over classes, and its drop from base with a 95% interval "
+              "(* = significant):")
         rows = con.execute(
             "SELECT classifier, shift, accuracy, drop, drop_low, drop_high, significant, classes_dropping, classes "
             "FROM shift_failures ORDER BY classifier, list_position(?, shift)", [shifts]).fetchall()
