@@ -36,6 +36,8 @@ def _instance(storage: Path):
         return dg.DagsterInstance.get()
     home = storage / ".dagster"
     home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():  # no telemetry banner from the instance we create
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     return dg.DagsterInstance.local_temp(tempdir=str(home))
 
 
@@ -231,7 +233,7 @@ def cmd_update(args) -> int:
     return 0
 
 
-def _query(db: Path, sql: str, params=None) -> int:
+def _query(db: Path, sql: str, params=None, fmt: str = "table", output: str | None = None) -> int:
     import duckdb
 
     if not db.exists():
@@ -245,14 +247,47 @@ def _query(db: Path, sql: str, params=None) -> int:
         raise SystemExit(f"error: {exc}".splitlines()[0])
     finally:
         con.close()
-    if cols:
-        _print_table(cols, rows)
+    if not cols:
+        return 0
+    if output:
+        from di_assets.ml.io import atomic_path
+
+        with atomic_path(output) as tmp, open(tmp, "w", newline="") as out:
+            _write_rows(cols, rows, fmt, out)
+        print(f"{len(rows)} rows written to {output}", file=sys.stderr)
+    else:
+        _write_rows(cols, rows, fmt, sys.stdout)
     return 0
+
+
+def _write_rows(cols, rows, fmt: str, out) -> None:
+    """A query's result as an aligned table, CSV, JSON (a list of objects) or a Markdown table."""
+    import csv
+    import json
+
+    if fmt == "csv":
+        w = csv.writer(out)
+        w.writerow(cols)
+        w.writerows(rows)
+    elif fmt == "json":
+        def value(v):  # JSON has no NaN
+            return None if isinstance(v, float) and v != v else v
+
+        json.dump([{c: value(v) for c, v in zip(cols, r)} for r in rows], out, indent=1, default=str)
+        out.write("\n")
+    elif fmt == "markdown":
+        def cell(v):
+            return ("%.4f" % v if isinstance(v, float) else str(v)).replace("|", "\\|")
+
+        out.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        out.writelines("| " + " | ".join(cell(v) for v in r) + " |\n" for r in rows)
+    else:
+        _print_table(cols, rows, out)
 
 
 def cmd_query(args) -> int:
     settings = _settings(args)
-    return _query(Path(settings.storage) / "scores.duckdb", args.sql)
+    return _query(Path(settings.storage) / "scores.duckdb", args.sql, fmt=args.format, output=args.output)
 
 
 def cmd_report(args) -> int:
@@ -331,9 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_update)
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",
-                       description="Run SQL over the DuckDB views `scores` (one row per image) and `mean_scores`.")
+                       description="Run read-only SQL over the DuckDB views: `scores` (one row per image), "
+                                   "`mean_scores`, and with a diagnosis `predictions`, `accuracy`, "
+                                   "`shift_failures`, `class_failures`, `real_vs_base`.")
     common(q)
     q.add_argument("sql", help="e.g. \"SELECT shift, avg(sim_class) FROM scores GROUP BY shift\"")
+    q.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table",
+                   help="output format (default: an aligned table)")
+    q.add_argument("--output", help="write the result to this file instead of the terminal")
     q.set_defaults(func=cmd_query)
 
     rp = sub.add_parser("report", help="write the diagnosis report as one HTML page",

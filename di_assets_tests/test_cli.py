@@ -93,3 +93,26 @@ def test_export_encoder_root_in_the_papers_format(tmp_path, tiny):
     tokens = torch.load(tmp_path / "paper" / "tokens.pt", weights_only=True)
     assert tokens == {"initializer_words": ["circle", "star"], "tokens": ["<circle>", "<star>"]}
     assert (tmp_path / "paper" / "text_encoder").is_dir() and not (tmp_path / "paper" / "tokens.json").exists()
+
+
+def test_query_formats_and_output_file(tmp_path):
+    import csv
+    import json
+
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "scores.duckdb"))
+    con.execute("CREATE TABLE scores AS SELECT * FROM (VALUES ('circle', 'at_night', 0.5), "
+                "('a|b', 'base', 'nan'::DOUBLE)) t(class_key, shift, sim_class)")
+    con.close()
+    sql = "SELECT * FROM scores ORDER BY shift"
+    out = di("query", "--storage", str(tmp_path), "--format", "json", sql).stdout
+    assert json.loads(out) == [{"class_key": "circle", "shift": "at_night", "sim_class": 0.5},
+                               {"class_key": "a|b", "shift": "base", "sim_class": None}]
+    md = di("query", "--storage", str(tmp_path), "--format", "markdown", sql).stdout.splitlines()
+    assert md[0] == "| class_key | shift | sim_class |" and md[2] == "| circle | at_night | 0.5000 |"
+    assert md[3].startswith("| a\\|b | base |")  # a pipe in a value does not break the table
+    p = di("query", "--storage", str(tmp_path), "--format", "csv", "--output", str(tmp_path / "o.csv"), sql)
+    assert p.stdout == "" and "2 rows written" in p.stderr
+    assert list(csv.reader(open(tmp_path / "o.csv")))[:2] == [["class_key", "shift", "sim_class"],
+                                                              ["circle", "at_night", "0.5"]]

@@ -10,6 +10,7 @@ from .predictions import prediction_key, real_prediction_key
 from .resources import StorageResource
 
 REPORT = "diagnosis/report.html"
+UI_HEATMAP_CLASSES = 60  # above this, the heat map is in the report only
 WORST_SHIFT_COLUMNS = [
     ("classifier", "string", "Classifier under diagnosis"),
     ("shift", "string", "Shift key"),
@@ -57,6 +58,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
             create_views(con, root)
             report = write_report(con, root, root / REPORT)
             rows, charts, wrong = [], {}, {}
+            n_classes = con.execute("SELECT count(DISTINCT class_key) FROM predictions").fetchone()[0]
             for name in classifier_names:
                 worst = worst_shifts(con, name, n=5)
                 rows += [{"classifier": name, **r} for r in worst]
@@ -69,7 +71,8 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
                 png = accuracy_chart(con, name)
                 with atomic_path(root / "diagnosis" / f"accuracy-{name}.png") as tmp:
                     tmp.write_bytes(png)
-                charts[name] = (png, heatmap_chart(con, name))
+                # the heat map grows with the classes: the UI's record keeps it small, the report has it all
+                charts[name] = (png, heatmap_chart(con, name) if n_classes <= UI_HEATMAP_CLASSES else None)
             images = con.execute("SELECT count(*) FROM predictions").fetchone()[0]
         for r in rows:
             context.log.info(f"{r['classifier']}: {r['shift']} accuracy {r['accuracy']:.3f} "
@@ -85,7 +88,9 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
             "predictions": images,
             # one chart per classifier, in this one run-wide record
             **{f"accuracy_per_shift_{n}": dg.MetadataValue.md(
-                png_markdown(chart, f"{n}: accuracy per shift") + "\n\n" + png_markdown(heat, f"{n}: class x shift"))
+                png_markdown(chart, f"{n}: accuracy per shift")
+                + ("\n\n" + png_markdown(heat, f"{n}: class x shift") if heat else
+                   f"\n\n{n_classes} classes: the class x shift heat map is in the report"))
                for n, (chart, heat) in charts.items()},
             **{f"misclassified_{n}": dg.MetadataValue.md(
                 f"**{n}**, worst shift `{shift}`: misclassified images (true → predicted)\n\n"
