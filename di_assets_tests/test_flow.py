@@ -212,3 +212,31 @@ def test_class_name_baseline_in_the_flow(flow):
     assert row[1] == pytest.approx(direct[0]) and -1 <= row[0] <= 1
     # the token's own images and scores are untouched by the baseline
     assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 4 * N
+
+
+def test_a_stored_image_reproduces_in_plain_diffusers(flow):
+    """The README's recipe: the base model, `load_textual_inversion` on the class's token file, the
+    manifest's prompt text, steps, guidance, size, scheduler and seed give the same pixels."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    from di_assets.ml.models import base_model_location
+
+    settings, _, _, _ = flow
+    store = Path(settings.storage)
+    manifest = json.loads((store / "images/hot_dog_frank/in_the_snow/manifest.json").read_text())
+    cfg, rec = manifest["settings"], manifest["images"][1]
+    assert manifest["model"] == "di-assets:tiny" and cfg["scheduler"] == "euler"
+    pipe = StableDiffusionPipeline.from_pretrained(base_model_location(manifest["model"]), safety_checker=None)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_textual_inversion(str(store / "tokens/hot_dog_frank/learned_embeds.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(rec["text"], num_inference_steps=cfg["num_inference_steps"], guidance_scale=cfg["guidance_scale"],
+                 height=cfg["resolution"], width=cfg["resolution"],
+                 generator=torch.Generator("cpu").manual_seed(rec["seed"])).images[0]
+    stored = Image.open(store / "images/hot_dog_frank/in_the_snow" / rec["file"]).convert("RGB")
+    assert np.array_equal(np.asarray(image), np.asarray(stored))
