@@ -68,3 +68,21 @@ def test_folder_hash_follows_content(tmp_path):
     assert hash_folder(tmp_path / "c") == h
     (tmp_path / "c" / "1.png").write_bytes(b"y")
     assert hash_folder(tmp_path / "c") != h
+
+
+def test_describe_folder_counts_images_and_names_skipped_files(tmp_path):
+    import shutil
+
+    from di_assets.ml.io import describe_folder, hash_folder
+    from di_assets_tests.conftest import EXAMPLE
+
+    for f in sorted((EXAMPLE / "star").iterdir())[:3]:
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / ".hidden.png").write_bytes(b"x")
+    d = describe_folder(tmp_path)
+    assert d["images"] == 3 and sorted(d["skipped"]) == ["broken.png", "notes.txt"]
+    assert d["hash"] == hash_folder(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed")
+    assert describe_folder(tmp_path)["hash"] != d["hash"]

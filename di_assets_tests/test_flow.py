@@ -240,3 +240,13 @@ def test_a_stored_image_reproduces_in_plain_diffusers(flow):
                  generator=torch.Generator("cpu").manual_seed(rec["seed"])).images[0]
     stored = Image.open(store / "images/hot_dog_frank/in_the_snow" / rec["file"]).convert("RGB")
     assert np.array_equal(np.asarray(image), np.asarray(stored))
+
+
+def test_class_images_records_per_class(flow):
+    settings, _, observed, instance = flow
+    records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("class_images"),
+                                                                asset_partitions=["circle"]), limit=1).records
+    meta = records[0].asset_observation.metadata
+    assert meta["images"].value == 8 and meta["skipped_files"].value == 0 and meta["skipped"].value == "none"
+    assert meta["folder"].value.endswith("circle") and meta["hash"].value == records[0].asset_observation.tags[
+        "dagster/data_version"]

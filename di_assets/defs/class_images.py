@@ -14,12 +14,25 @@ from .resources import StorageResource
     description="Class folders of the image dataset (ImageFolder layout). Data version: content hash of each folder.",
 )
 def class_images(context, storage: StorageResource) -> dg.DataVersionsByPartition:
-    from di_assets.ml.io import hash_folder
-
     classes = storage.classes()
     known = context.instance.get_dynamic_partitions(CLASSES.name)
-    versions = {key: dg.DataVersion(hash_folder(classes[key].path)) for key in known if key in classes}
-    return dg.DataVersionsByPartition(versions)
+    for key in known:
+        if key in classes:
+            # each class's own record: its data version (the content hash) and what the folder holds
+            context.log_event(folder_observation(key, classes[key]))
+    return dg.DataVersionsByPartition({})
+
+
+def folder_observation(key: str, folder) -> dg.AssetObservation:
+    """A class folder's observation: content hash as data version; image count, skipped files, path."""
+    from di_assets.ml.io import describe_folder
+
+    d = describe_folder(folder.path)
+    return dg.AssetObservation(
+        asset_key="class_images", partition=key, tags={"dagster/data_version": d["hash"]},
+        metadata={"images": d["images"], "skipped_files": len(d["skipped"]),
+                  "skipped": ", ".join(d["skipped"][:20]) or "none", "hash": d["hash"],
+                  "folder": dg.MetadataValue.path(str(folder.path)), "class_name": folder.name})
 
 
 observe_class_images = dg.define_asset_job(
@@ -52,14 +65,11 @@ def class_folders_sensor(context: dg.SensorEvaluationContext, storage: StorageRe
         return dg.SensorResult(skip_reason=f"the {len(on_disk)} class folders are unchanged", cursor=cursor)
     requests, runs, events = [], [], []
     if new:
-        from di_assets.ml.io import hash_folder
-
         context.log.info(f"new classes: {', '.join(new)}")
         requests.append(CLASSES.build_add_request(new))  # class_token's eager condition fills them
         classes = storage.classes()
         # Observe them at once, so their tokens need not wait for the next scheduled observation.
-        events = [dg.AssetObservation(asset_key="class_images", partition=key,
-                                      tags={"dagster/data_version": hash_folder(classes[key].path)}) for key in new]
+        events = [folder_observation(key, classes[key]) for key in new]
     if gone:
         for key in gone:
             where = storage.retire_class(key)

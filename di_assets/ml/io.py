@@ -117,13 +117,31 @@ def load_class_images(folder: str | os.PathLike, with_files: bool = False, limit
 
 def hash_folder(folder: str | os.PathLike) -> str:
     """Content hash of a folder's visible files (names and bytes), stable across mtimes."""
+    return describe_folder(folder, check_images=False)["hash"]
+
+
+def describe_folder(folder: str | os.PathLike, check_images: bool = True) -> dict:
+    """One pass over a class folder: its content hash, and (with `check_images`) how many of its
+    top-level files are images that Pillow can identify and which files are skipped."""
+    import io
+
     folder = Path(folder)
     h = hashlib.sha256()
+    images, skipped = 0, []
     for p in sorted(q for q in folder.rglob("*") if q.is_file()):
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
             continue
+        data = p.read_bytes()
         h.update(str(rel).encode())
         h.update(b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
+        h.update(hashlib.sha256(data).digest())
+        if check_images and len(rel.parts) == 1:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(io.BytesIO(data)):  # the header only: cheap next to the hash
+                    images += 1
+            except (UnidentifiedImageError, OSError, ValueError):
+                skipped.append(str(rel))
+    return {"hash": h.hexdigest()[:16], "images": images, "skipped": skipped}
