@@ -306,7 +306,13 @@ class UI:
         self.click(f"{self.DIALOG}//*[normalize-space(text())='Select a partition or create one']",
                    "a partition picker")
         option = f"//input[@type='checkbox']/following::span[normalize-space(text())='{key}']"
-        self.wait(lambda: self.visible(option), 30, f"partition {key!r} is not in the picker")[-1].click()
+        def tick() -> bool:  # found and clicked in one go: the list re-renders while partitions load
+            found = self.visible(option)
+            if found:
+                found[-1].click()  # a stale element raises, and `wait` looks again
+            return bool(found)
+
+        self.wait(tick, 30, f"partition {key!r} is not in the picker")
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.keys import Keys
 
