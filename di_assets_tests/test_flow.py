@@ -250,3 +250,19 @@ def test_class_images_records_per_class(flow):
     assert meta["images"].value == 8 and meta["skipped_files"].value == 0 and meta["skipped"].value == "none"
     assert meta["folder"].value.endswith("circle") and meta["hash"].value == records[0].asset_observation.tags[
         "dagster/data_version"]
+
+
+def test_score_tables_for_the_ui(flow):
+    """clip_scores and scores_db declare their columns; scores_db shows per-shift and weakest-pair tables."""
+    settings, _, _, instance = flow
+    defs = build_defs(settings)
+    for key in ("clip_scores", "scores_db"):
+        schema = defs.resolve_assets_def(key).metadata_by_key[dg.AssetKey(key)]["dagster/column_schema"]
+        columns = {c.name: c.description for c in schema.columns}
+        assert {"sim_class", "sim_shift", "kept", "drop_reason"} <= set(columns) and all(columns.values())
+    record = instance.get_latest_materialization_event(dg.AssetKey("scores_db")).asset_materialization
+    per_shift = record.metadata["per_shift"].value
+    assert sorted(r.data["shift"] for r in per_shift.records) == sorted(SHIFTS)
+    assert all(r.data["classes"] == 2 and r.data["images"] == 2 * N for r in per_shift.records)
+    assert [c.name for c in per_shift.schema.columns][:3] == ["shift", "classes", "images"]
+    assert len(record.metadata["weakest_class_shift_pairs"].value.records) == 4

@@ -10,6 +10,28 @@ from .partitions import OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
+# The columns of every score file (and of the `scores` view), as the UI's Columns section shows them.
+SCORE_COLUMNS = [
+    ("class_key", "string", "Class partition key"),
+    ("class_name", "string", "Class display name, as in the captions"),
+    ("shift", "string", "Shift key"),
+    ("seed", "int", "Seed of the image"),
+    ("image_path", "string", "The image file"),
+    ("sim_class", "float", "CLIP similarity to the class caption `a photo of a <class>`"),
+    ("sim_shift", "float", "CLIP similarity to the shift caption (`a photo in the snow`)"),
+    ("sim_base", "float", "CLIP similarity to the base caption `a photo`"),
+    ("zero_shot_class", "string", "CLIP's choice among the dataset's class captions"),
+    ("sim_class_floor", "float", "The calibrated floor of sim_class for this partition (null where none)"),
+    ("kept", "bool", "The CLIP filter keeps the image"),
+    ("drop_reason", "string", "Why the filter dropped it (null when kept)"),
+    ("diffusion_model", "string", "Base model of the counterfactuals"),
+    ("clip_model", "string", "CLIP model / pretrained weights of the scores"),
+    ("created_at", "timestamp", "When the scores were written"),
+]
+
+
+def score_schema() -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(c, t, description=d) for c, t, d in SCORE_COLUMNS])
 
 
 
@@ -35,6 +57,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
         kinds={"pytorch", "parquet"},
         automation_condition=dg.AutomationCondition.eager(),
+        metadata={"dagster/column_schema": score_schema()},
         backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec(RANGE_CHECK, asset=asset_name,
                                        description="Every similarity lies in [-1, 1], with no NaN")],

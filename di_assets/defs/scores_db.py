@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from .clip_scores import score_schema
 from .partitions import OWNERS
 from .resources import StorageResource
 from .versions import SCORES_DB_CODE
@@ -18,10 +19,31 @@ VIEWS = {
 }
 
 
-def summary_markdown(rows) -> str:
-    lines = ["| class | shift | images | sim_class | sim_shift |", "|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.4f} | {r[4]:.4f} |" for r in rows]
-    return "\n".join(lines)
+# What the UI shows of the scores: per shift across classes, and the weakest class x shift pairs.
+PER_SHIFT_SQL = """
+    SELECT shift, count(DISTINCT class_key) AS classes, count(*) AS images, avg(sim_class) AS mean_sim_class,
+           avg(sim_shift) AS mean_sim_shift, avg(kept::INTEGER) AS kept_fraction
+    FROM scores GROUP BY shift ORDER BY kept_fraction, shift"""
+WORST_PAIRS_SQL = """
+    SELECT class_key, shift, images, mean_sim_class, mean_sim_shift, kept_fraction FROM mean_scores
+    ORDER BY kept_fraction, mean_sim_class, class_key, shift LIMIT 10"""
+SUMMARY_COLUMNS = {
+    "shift": ("string", "Shift key"), "class_key": ("string", "Class partition key"),
+    "classes": ("int", "Classes scored in the shift"), "images": ("int", "Images scored"),
+    "mean_sim_class": ("float", "Mean similarity to the class caption"),
+    "mean_sim_shift": ("float", "Mean similarity to the shift caption"),
+    "kept_fraction": ("float", "Share of images the CLIP filter kept"),
+}
+
+
+def summary_table(con, sql: str) -> dg.MetadataValue:
+    """A query's rows as a UI table with a column schema (floats rounded for reading)."""
+    cur = con.execute(sql)
+    cols = [d[0] for d in cur.description]
+    rows = [dg.TableRecord({c: round(v, 4) if isinstance(v, float) else v for c, v in zip(cols, r)})
+            for r in cur.fetchall()]
+    return dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
+        dg.TableColumn(c, SUMMARY_COLUMNS[c][0], description=SUMMARY_COLUMNS[c][1]) for c in cols]))
 
 
 # With the class-name baseline: its scores, and per class and shift the token beside the name.
@@ -48,6 +70,7 @@ def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
         code_version=SCORES_DB_CODE,
         kinds={"duckdb"},
         automation_condition=dg.AutomationCondition.eager(),
+        metadata={"dagster/column_schema": score_schema()},  # of its main view, `scores`
         description=f"DuckDB views {', '.join(f'`{v}`' for v in views)} over "
                     "`scores/class=*/shift=*/part.parquet`" + (" and `baseline/scores/...`" if baseline else ""),
     )
@@ -68,14 +91,14 @@ def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(**globs)}")
             con.execute("COMMIT")
             total = con.execute("SELECT count(*) FROM scores").fetchone()[0]
-            rows = con.execute(
-                "SELECT class_key, shift, images, mean_sim_class, mean_sim_shift FROM mean_scores"
-            ).fetchall()
+            pairs = con.execute("SELECT count(*) FROM mean_scores").fetchone()[0]
+            per_shift, worst = summary_table(con, PER_SHIFT_SQL), summary_table(con, WORST_PAIRS_SQL)
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(storage.scores_db)),
             "dagster/row_count": total,
-            "partitions": len(rows),
-            "mean_scores": dg.MetadataValue.md(summary_markdown(rows)),
+            "partitions": pairs,
+            "per_shift": per_shift,  # across classes, the shifts the filter keeps least first
+            "weakest_class_shift_pairs": worst,
         })
 
     return scores_db
