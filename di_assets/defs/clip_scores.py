@@ -4,8 +4,8 @@ import dagster as dg
 
 from di_assets.ml.shifts import Shift, class_caption
 
-from .counterfactuals import MANIFEST
 from .executors import gpu_tags
+from .metadata import table_schema
 from .partitions import OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
@@ -31,7 +31,7 @@ SCORE_COLUMNS = [
 
 
 def score_schema() -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(c, t, description=d) for c, t, d in SCORE_COLUMNS])
+    return table_schema(SCORE_COLUMNS)
 
 
 
@@ -66,42 +66,37 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
     def clip_scores(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
-        import json
         from datetime import datetime, timezone
 
         import pyarrow as pa
         import pyarrow.parquet as pq
         import torch
-        from PIL import Image
 
         from di_assets.ml.clip_metric import BASE_CAPTION, class_floor, drop_reasons, get_scorer
-        from di_assets.ml.io import atomic_path, load_class_images
+        from di_assets.ml.io import atomic_path, load_class_images, read_counterfactuals
 
         classes = storage.classes()  # once per run: every class caption takes part in the zero-shot filter
         class_keys = list(classes)
         index = {k: i for i, k in enumerate(class_keys)}
         captions = [class_caption(c.name) for c in classes.values()]
+        pairs = class_and_shift_keys(context)
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
             rule = params.scoring.rule()
             stats, all_sims, real_sim = [], [], {}
             if rule.calibrated:  # what a match looks like for this model: the class's real images, once per run
-                for key in dict.fromkeys(k for k, _ in class_and_shift_keys(context)):
+                for key in dict.fromkeys(k for k, _ in pairs):
                     if key in classes:
                         real = load_class_images(classes[key].path, limit=params.scoring.real_images)
                         real_sim[key] = scorer.similarity(real, [captions[index[key]]])[:, 0].median().item()
-            for key, shift_key in class_and_shift_keys(context):
+            for key, shift_key in pairs:
                 shift = by_key[shift_key]
                 folder = storage.images_dir(key, shift_key, baseline)
-                manifest = json.loads((folder / MANIFEST).read_text())
+                manifest, images = read_counterfactuals(folder)
                 if key not in classes:
                     raise dg.Failure(f"class {key!r} has no folder in {storage.dataset}; was it removed?")
                 name, own = classes[key].name, index[key]
-                images = []
-                for rec in manifest["images"]:
-                    with Image.open(folder / rec["file"]) as im:
-                        images.append(im.convert("RGB"))
                 # text features of every caption are computed once per process (the scorer caches them)
                 sims = scorer.similarity(images, captions + [shift.caption, BASE_CAPTION])
                 class_sims, sim_shift, sim_base = sims[:, :-2], sims[:, -2], sims[:, -1]

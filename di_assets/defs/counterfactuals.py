@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from di_assets.ml.io import MANIFEST
 from di_assets.ml.shifts import Shift
 
 from .executors import gpu_tags
@@ -10,7 +11,6 @@ from .partitions import OWNERS, class_and_shift_keys, missing_or_changed
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
-MANIFEST = "manifest.json"
 ENCODER_ROOT = dg.AssetKey("encoder_root")
 CLASS_TOKEN = dg.AssetKey("class_token")
 

@@ -4,7 +4,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from .metadata import captioned_strip_markdown, png_markdown
+from .metadata import captioned_strip_markdown, png_markdown, table_schema
 from .partitions import OWNERS
 from .predictions import prediction_key, real_prediction_key
 from .resources import StorageResource
@@ -35,8 +35,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
         code_version=code_version,
         kinds={"duckdb", "html"},
         automation_condition=dg.AutomationCondition.eager(),
-        metadata={"dagster/column_schema": dg.TableSchema(columns=[
-            dg.TableColumn(c, t, description=d) for c, t, d in WORST_SHIFT_COLUMNS])},
+        metadata={"dagster/column_schema": table_schema(WORST_SHIFT_COLUMNS)},
         description="DuckDB views `predictions`, `accuracy`, `shift_failures`, `class_failures`, `real_vs_base` "
                     "and the report `diagnosis/report.html`",
     )
@@ -81,7 +80,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
         table = dg.MetadataValue.table(
             [dg.TableRecord({c: (None if r.get(c) is None else (round(r[c], 4) if t == "float" else r[c]))
                              for c, t, _ in WORST_SHIFT_COLUMNS}) for r in rows],
-            schema=dg.TableSchema(columns=[dg.TableColumn(c, t, description=d) for c, t, d in WORST_SHIFT_COLUMNS]))
+            schema=table_schema(WORST_SHIFT_COLUMNS))
         return dg.MaterializeResult(metadata={
             "report": dg.MetadataValue.path(str(report)),
             "worst_shifts": table,

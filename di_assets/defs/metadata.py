@@ -63,3 +63,10 @@ def captioned_strip_markdown(items, size: int = 64) -> str:
         cells.append(f"![]({_data_uri(im)})")
     captions = [c.replace("|", "/") for _, c in items]
     return "| " + " | ".join(captions) + " |\n|" + "---|" * len(items) + "\n| " + " | ".join(cells) + " |"
+
+
+def table_schema(columns) -> "dg.TableSchema":
+    """A Dagster table schema from (name, type, description) triples, for the UI's Columns and tables."""
+    import dagster as dg
+
+    return dg.TableSchema(columns=[dg.TableColumn(name, kind, description=text) for name, kind, text in columns])

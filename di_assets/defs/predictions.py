@@ -12,6 +12,7 @@ import dagster as dg
 
 from .class_images import class_images
 from .executors import gpu_tags
+from .metadata import table_schema
 from .partitions import CLASSES, OWNERS, class_and_shift_keys, missing_or_changed
 from .resources import ModelResource, StorageResource
 
@@ -68,8 +69,7 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
         partitions_def=partitions_def,
         deps=[dg.AssetKey("counterfactuals"), dg.AssetKey("clip_scores")],
         **_asset_args(code_version),
-        metadata={"dagster/column_schema": dg.TableSchema(
-            columns=[dg.TableColumn(c, description=d) for c, d in PREDICTION_COLUMNS.items()])},
+        metadata={"dagster/column_schema": table_schema((c, "string", d) for c, d in PREDICTION_COLUMNS.items())},
         description=f"Classifier `{spec.name}` ({spec.kind}) on every counterfactual: "
                     f"`predictions/classifier={spec.name}/class=<c>/shift=<s>/part.parquet`",
     )
@@ -80,7 +80,7 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from di_assets.ml.diagnosis import predict_images, prediction_table, predictions_file, read_partition
+        from di_assets.ml.diagnosis import predict_partition, predictions_file
         from di_assets.ml.io import atomic_path
 
         pairs = class_and_shift_keys(context)
@@ -88,22 +88,17 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
             clf, classes, targets = _load(spec, storage, mspec.device)
             total = correct = kept_total = kept_correct = 0
             for i, (key, shift) in enumerate(pairs, 1):
-                records, images, verdicts = read_partition(storage.root, key, shift)
-                cols = predict_images(clf, images, targets[key])
-                cols.update(seed=[r["seed"] for r in records],
-                            image_path=[f"images/{key}/{shift}/{r['file']}" for r in records],
-                            kept=[k for k, _ in verdicts], drop_reason=pa.array([r for _, r in verdicts], pa.string()))
-                table = prediction_table(cols, classifier=spec.name, class_key=key, class_name=classes[key].name,
-                                         shift=shift)
-                table = table.append_column("created_at", pa.array([datetime.now(timezone.utc)] * len(records),
+                table = predict_partition(clf, storage.root, key, classes[key].name, shift, targets[key])
+                table = table.append_column("created_at", pa.array([datetime.now(timezone.utc)] * table.num_rows,
                                                                     pa.timestamp("us", tz="UTC")))
                 with atomic_path(predictions_file(storage.root, spec.name, key, shift)) as tmp:
                     pq.write_table(table, tmp)
-                total += len(records)
-                correct += sum(cols["correct1"])
-                kept_total += sum(cols["kept"])
-                kept_correct += sum(c and k for c, k in zip(cols["correct1"], cols["kept"]))
-                context.log.info(f"{spec.name}: {key} / {shift}: {sum(cols['correct1'])}/{len(records)} correct "
+                right, kept = table.column("correct1").to_pylist(), table.column("kept").to_pylist()
+                total += table.num_rows
+                correct += sum(right)
+                kept_total += sum(kept)
+                kept_correct += sum(c and k for c, k in zip(right, kept))
+                context.log.info(f"{spec.name}: {key} / {shift}: {sum(right)}/{table.num_rows} correct "
                                  f"({i}/{len(pairs)} partitions)")
         return dg.MaterializeResult(metadata={
             "dagster/row_count": total,

@@ -62,13 +62,16 @@ class StorageResource(dg.ConfigurableResource):
         return Path(self.root) / "scores.duckdb"
 
     def class_artifacts(self, key: str) -> list[Path]:
+        from di_assets.ml.diagnosis import PREDICTIONS_DIR, REAL_PREDICTIONS_DIR
+
         root = Path(self.root)
-        # every classifier's predictions of the class too, so that they leave the diagnosis views
-        predictions = sorted(root.glob(f"predictions/classifier=*/class={key}")) + sorted(
-            root.glob(f"real_predictions/classifier=*/class={key}"))
-        baseline = root / BASELINE_DIR
-        return [self.token_dir(key), root / "images" / key, root / "scores" / f"class={key}", *predictions,
-                baseline / "images" / key, baseline / "scores" / f"class={key}"]
+        # the token's and the baseline's images and scores, and every classifier's predictions of the
+        # class, so that all of them leave the views
+        counterfactuals = [self.variant_root(b) / sub for b in (False, True)
+                           for sub in (Path("images") / key, Path("scores") / f"class={key}")]
+        predictions = [p for d in (PREDICTIONS_DIR, REAL_PREDICTIONS_DIR)
+                       for p in sorted(root.glob(f"{d}/classifier=*/class={key}"))]
+        return [self.token_dir(key), *counterfactuals, *predictions]
 
     def retire_class(self, key: str) -> Path | None:
         """Move a removed class's token, images and scores to trash/ (or delete them); return where."""

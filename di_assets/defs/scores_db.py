@@ -4,6 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from .clip_scores import score_schema
+from .metadata import table_schema
 from .partitions import OWNERS
 from .resources import StorageResource
 from .versions import SCORES_DB_CODE
@@ -42,8 +43,7 @@ def summary_table(con, sql: str) -> dg.MetadataValue:
     cols = [d[0] for d in cur.description]
     rows = [dg.TableRecord({c: round(v, 4) if isinstance(v, float) else v for c, v in zip(cols, r)})
             for r in cur.fetchall()]
-    return dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
-        dg.TableColumn(c, SUMMARY_COLUMNS[c][0], description=SUMMARY_COLUMNS[c][1]) for c in cols]))
+    return dg.MetadataValue.table(rows, schema=table_schema([(c, *SUMMARY_COLUMNS[c]) for c in cols]))
 
 
 # With the class-name baseline: its scores, and per class and shift the token beside the name.

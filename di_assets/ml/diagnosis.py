@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from .io import read_counterfactuals
+
 PREDICTIONS_DIR = "predictions"  # predictions/classifier=<m>/class=<c>/shift=<s>/part.parquet
 REAL_PREDICTIONS_DIR = "real_predictions"  # real_predictions/classifier=<m>/class=<c>/part.parquet
 TOP_K = 5
@@ -63,16 +65,10 @@ def read_partition(root: str | Path, class_key: str, shift: str):
     """A counterfactual partition: its manifest's image records, the images, and the CLIP filter's
     (kept, drop_reason) per seed (every image kept when the partition has no scores yet)."""
     import pyarrow.parquet as pq
-    from PIL import Image
 
     root = Path(root)
-    folder = root / "images" / class_key / shift
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest, images = read_counterfactuals(root / "images" / class_key / shift)
     records = manifest["images"]
-    images = []
-    for rec in records:
-        with Image.open(folder / rec["file"]) as im:
-            images.append(im.convert("RGB"))
     scores = root / "scores" / f"class={class_key}" / f"shift={shift}" / "part.parquet"
     verdict = {}
     if scores.exists():
@@ -80,6 +76,20 @@ def read_partition(root: str | Path, class_key: str, shift: str):
         verdict = {s: (k, r) for s, k, r in zip(t["seed"], t["kept"], t.get("drop_reason", [None] * len(t["seed"])))}
     kept = [verdict.get(r["seed"], (True, None)) for r in records]
     return records, images, kept
+
+
+def predict_partition(clf, root: str | Path, class_key: str, class_name: str, shift: str, target: int,
+                      k: int = TOP_K):
+    """The classifier on one counterfactual partition of a storage root: one row per image, with
+    its seed, its path relative to the root and the CLIP filter's verdict."""
+    import pyarrow as pa
+
+    records, images, verdicts = read_partition(root, class_key, shift)
+    cols = predict_images(clf, images, target, k)
+    cols.update(seed=[r["seed"] for r in records],
+                image_path=[f"images/{class_key}/{shift}/{r['file']}" for r in records],
+                kept=[kept for kept, _ in verdicts], drop_reason=pa.array([r for _, r in verdicts], pa.string()))
+    return prediction_table(cols, classifier=clf.name, class_key=class_key, class_name=class_name, shift=shift)
 
 
 def evaluate(classifier, source, *, class_name: str | None = None, shifts: Sequence[str] | None = None,
@@ -114,14 +124,7 @@ def evaluate(classifier, source, *, class_name: str | None = None, shifts: Seque
     if not isinstance(source, (str, Path)):
         cols = predict_images(clf, list(source), targets.get(class_name), top_k)
         return prediction_table(cols, classifier=clf.name, class_name=class_name)
-    tables = []
-    for key, shift in pairs:
-        records, images, kept = read_partition(root, key, shift)
-        cols = predict_images(clf, images, targets[key], top_k)
-        cols.update(seed=[r["seed"] for r in records],
-                    image_path=[f"images/{key}/{shift}/{r['file']}" for r in records],
-                    kept=[k for k, _ in kept], drop_reason=[r for _, r in kept])
-        tables.append(prediction_table(cols, classifier=clf.name, class_key=key, class_name=names[key], shift=shift))
+    tables = [predict_partition(clf, root, key, names[key], shift, targets[key], top_k) for key, shift in pairs]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

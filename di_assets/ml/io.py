@@ -14,6 +14,7 @@ from typing import Iterator
 
 log = logging.getLogger("di_assets")
 
+MANIFEST = "manifest.json"  # a counterfactual partition's record: prompt, settings, one entry per image
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -115,6 +116,19 @@ def load_class_images(folder: str | os.PathLike, with_files: bool = False, limit
     return (files, images) if with_files else images
 
 
+def read_counterfactuals(folder: str | Path) -> tuple[dict, list]:
+    """A counterfactual partition's folder: its manifest and its images (RGB), in manifest order."""
+    from PIL import Image
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    images = []
+    for rec in manifest["images"]:
+        with Image.open(folder / rec["file"]) as im:
+            images.append(im.convert("RGB"))
+    return manifest, images
+
+
 def hash_folder(folder: str | os.PathLike) -> str:
     """Content hash of a folder's visible files (names and bytes), stable across mtimes."""
     return describe_folder(folder, check_images=False)["hash"]
@@ -124,6 +138,8 @@ def describe_folder(folder: str | os.PathLike, check_images: bool = True) -> dic
     """One pass over a class folder: its content hash, and (with `check_images`) how many of its
     top-level files are images that Pillow can identify and which files are skipped."""
     import io
+
+    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     h = hashlib.sha256()
@@ -137,8 +153,6 @@ def describe_folder(folder: str | os.PathLike, check_images: bool = True) -> dic
         h.update(b"\0")
         h.update(hashlib.sha256(data).digest())
         if check_images and len(rel.parts) == 1:
-            from PIL import Image, UnidentifiedImageError
-
             try:
                 with Image.open(io.BytesIO(data)):  # the header only: cheap next to the hash
                     images += 1
