@@ -137,9 +137,7 @@ def cmd_run(args) -> int:
 
 def _print_diagnosis(db: Path, shifts: list[str]) -> None:
     """Per classifier, accuracy per shift on the images the CLIP filter kept, and the drop from base."""
-    import duckdb
-
-    con = duckdb.connect(str(db), read_only=True)
+    con = _open_scores_db(db)
     try:
         kept, total, no_shift, no_class = con.execute(
             "SELECT count(*) FILTER (kept), count(*), count(*) FILTER (drop_reason LIKE '%shift not shown%'), "
@@ -166,11 +164,10 @@ def _print_diagnosis(db: Path, shifts: list[str]) -> None:
 def _check_classifier_files(settings) -> None:
     """Every local file a classifier under diagnosis needs exists (nothing is ever downloaded)."""
     for spec in settings.classifier_specs():
-        for key in ("weights", "labels", "mapping"):
-            path = getattr(spec, key)
-            local = spec.kind in ("torchvision", "timm", "hf") or key != "weights"
-            if path and local and not Path(path).exists():
-                raise SystemExit(f"error: {spec.setting(key)}: {path} does not exist")
+        missing = spec.missing_files()
+        if missing:
+            setting, path = missing[0]
+            raise SystemExit(f"error: {setting}: {path} does not exist")
 
 
 def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -> Path:
@@ -233,12 +230,19 @@ def cmd_update(args) -> int:
     return 0
 
 
-def _query(db: Path, sql: str, params=None, fmt: str = "table", output: str | None = None) -> int:
+def _open_scores_db(db: Path, made_by: str = "scores_db"):
+    """The scores database, read-only; one clear line when no run has made it yet."""
     import duckdb
 
     if not db.exists():
-        raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize scores_db) first")
-    con = duckdb.connect(str(db), read_only=True)
+        raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize {made_by}) first")
+    return duckdb.connect(str(db), read_only=True)
+
+
+def _query(db: Path, sql: str, params=None, fmt: str = "table", output: str | None = None) -> int:
+    import duckdb
+
+    con = _open_scores_db(db)
     try:
         cur = con.execute(sql, params)
         rows = cur.fetchall()
@@ -291,16 +295,12 @@ def cmd_query(args) -> int:
 
 
 def cmd_report(args) -> int:
-    import duckdb
-
     from di_assets.ml.report import write_report
 
     settings = _settings(args)
     storage = Path(settings.storage)
     db = storage / "scores.duckdb"
-    if not db.exists():
-        raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize diagnosis) first")
-    con = duckdb.connect(str(db), read_only=True)
+    con = _open_scores_db(db, made_by="diagnosis")
     try:
         if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'shift_failures'").fetchone()[0]:
             raise SystemExit(f"error: {db} has no diagnosis views; materialize the diagnosis asset "

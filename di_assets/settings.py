@@ -34,7 +34,7 @@ class Settings:
     shifts: list | str | None = None
     textual_inversion: dict = field(default_factory=dict)  # TextualInversionConfig overrides
     generation: dict = field(default_factory=dict)  # num_samples, seed + GenerationConfig overrides
-    scoring: dict = field(default_factory=dict)  # the CLIP filter: zero_shot, shift_over_base, min_sim_class, min_sim_shift
+    scoring: dict = field(default_factory=dict)  # the CLIP filter: see defs.resources.ScoringParams
     # Classifiers under diagnosis (see di_assets.ml.classifiers.ClassifierSpec); None: the family's
     # default (tiny: the reference world's `diagnosed` and `judge`; sd: none); []: no diagnosis.
     classifiers: list | None = None
@@ -91,6 +91,8 @@ class Settings:
 
 def _resolve_classifier_paths(item, base: Path):
     """A classifier's local files, relative to the settings file (an open_clip tag stays a tag)."""
+    from di_assets.ml.classifiers import LOCAL_WEIGHTS
+
     if not isinstance(item, dict):
         return item
     item = dict(item)
@@ -98,7 +100,7 @@ def _resolve_classifier_paths(item, base: Path):
         value = item.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             candidate = base / value
-            if key != "weights" or item.get("kind") in ("torchvision", "timm", "hf") or candidate.exists():
+            if key != "weights" or item.get("kind") in LOCAL_WEIGHTS or candidate.exists():
                 item[key] = str(candidate.resolve())
     return item
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 KINDS = ("reference", "torchvision", "timm", "hf", "open_clip", "entry_point")
+LOCAL_WEIGHTS = ("torchvision", "timm", "hf")  # kinds whose `weights` is a local file or folder (open_clip: a tag too)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # the shipped reference-world weights (as in reference_world.train_classifier, without importing torch)
@@ -66,7 +67,7 @@ class ClassifierSpec:
         if self.kind in ("torchvision", "timm", "entry_point") and not self.model:
             what = "package.module:function" if self.kind == "entry_point" else "an architecture name, e.g. resnet18"
             raise ValueError(f"classifier '{self.name}' ({self.kind}) needs model: {what}")
-        if self.kind in ("torchvision", "timm", "hf") and not self.weights:
+        if self.kind in LOCAL_WEIGHTS and not self.weights:
             raise ValueError(f"classifier '{self.name}' ({self.kind}) needs weights: a local "
                              f"{'folder' if self.kind == 'hf' else 'file'} (nothing is downloaded)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -86,6 +87,12 @@ class ClassifierSpec:
         if missing:
             raise ValueError(f"classifier {d.get('name', '?')!r} lacks {missing}; each needs name and kind")
         return cls(**d)
+
+    def missing_files(self) -> list[tuple[str, str]]:
+        """(setting, path) of each local file this spec names that does not exist."""
+        keys = ("weights", "labels", "mapping") if self.kind in LOCAL_WEIGHTS else ("labels", "mapping")
+        return [(self.setting(k), getattr(self, k)) for k in keys
+                if getattr(self, k) and not Path(getattr(self, k)).exists()]
 
     def setting(self, key: str) -> str:
         """How settings name one of this spec's keys, for error messages."""
