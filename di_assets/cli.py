@@ -13,32 +13,39 @@ from pathlib import Path
 
 
 def _settings(args):
+    """The settings file with the command's flags, checked whole (a one-line error names the setting).
+
+    For `run` and `update`, also everything they read before any work starts (`_preflight`)."""
     from di_assets.settings import Settings
 
     overrides = {"dataset": getattr(args, "dataset", None), "storage": getattr(args, "storage", None)}
     settings = Settings.load(args.config, **overrides)
+    flags = []
     if getattr(args, "family", None):
         settings.models = {**settings.models, "family": args.family}
+        flags.append(f"--family {args.family}")
     if getattr(args, "device", None):
         settings.models = {**settings.models, "device": args.device}
+        flags.append(f"--device {args.device}")
     if getattr(args, "shifts", None):
         settings.shifts = [s.strip() for s in args.shifts.split(",") if s.strip()]
-    if getattr(args, "num_samples", None):
+        flags.append(f"--shifts {args.shifts}")
+    if getattr(args, "num_samples", None) is not None:
         settings.generation = {**settings.generation, "num_samples": args.num_samples}
+        flags.append(f"--num-samples {args.num_samples}")
+    if flags:  # the file passed on its own: a problem now is the flags'
+        settings.source = f"{settings.source or 'settings'} with {' '.join(flags)}"
+        settings.validate()
+    if getattr(args, "command", None) in ("run", "update"):
+        _preflight(settings)
     return settings
 
 
 def _instance(storage: Path):
     """The Dagster instance: $DAGSTER_HOME if set, else one kept beside the artifacts."""
-    import dagster as dg
+    from di_assets.defs.instance import open_instance
 
-    if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
-    home = storage / ".dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():  # no telemetry banner from the instance we create
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return dg.DagsterInstance.local_temp(tempdir=str(home))
+    return open_instance(storage)
 
 
 def _print_table(columns, rows, out=None, indent: str = ""):
@@ -51,15 +58,33 @@ def _print_table(columns, rows, out=None, indent: str = ""):
         print(indent + "  ".join(v.ljust(w) for v, w in zip(r, widths)), file=out)
 
 
+def _one_at_a_time(command):
+    """One `run` or `update` per storage root at a time: a second one waits for the first to end."""
+    import functools
+
+    @functools.wraps(command)
+    def locked(args) -> int:
+        from di_assets.defs.instance import storage_lock
+        from di_assets.ml.shifts import select_shifts
+
+        settings = _settings(args)
+        select_shifts(settings.shifts)  # bad settings fail before anything is written
+        with storage_lock(Path(settings.storage)):
+            return command(args)
+
+    return locked
+
+
+@_one_at_a_time
 def cmd_run(args) -> int:
     import dagster as dg
 
     from di_assets.defs import CLASSES, build_defs
     from di_assets.defs.driver import LocalDriver
+    from di_assets.defs.instance import run_tags
     from di_assets.ml.shifts import select_shifts
 
-    settings = _settings(args)
-    _check_classifier_files(settings)  # before hours of work, not after
+    settings = _settings(args)  # checked, with the models, classifier files and class folders it names
     storage = Path(settings.storage)
     shifts = [s.key for s in select_shifts(settings.shifts)]
     defs = build_defs(settings)
@@ -72,7 +97,7 @@ def cmd_run(args) -> int:
     def step(label, selection, **kw):
         t = time.time()
         try:
-            job.execute_in_process(instance=instance, run_config=log_config,
+            job.execute_in_process(instance=instance, run_config=log_config, tags={**run_tags(), **kw.pop("tags", {})},
                                    asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s)
                                                     for s in selection], **kw)
         except dg.DagsterExecutionStepExecutionError as exc:  # the stage's own error, in one line
@@ -123,7 +148,7 @@ def cmd_run(args) -> int:
     if classifiers:
         print(f"  report        {storage / 'diagnosis' / 'report.html'} (charts, heat maps, misclassified images)")
     print("\nmean CLIP similarity per shift and class (sim_class / sim_shift):")
-    _query(storage / "scores.duckdb", _pivot_sql(classes, shifts))
+    _print_mean_scores(storage / "scores.duckdb", classes, shifts)
     if settings.baseline:
         print("\nthe token against the class name (the paper's baseline), mean over classes:")
         _query(storage / "scores.duckdb",
@@ -170,14 +195,83 @@ def _check_classifier_files(settings) -> None:
             raise SystemExit(f"error: {setting}: {path} does not exist")
 
 
-def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -> Path:
-    """A class per row, a shift per column: the first counterfactual of each pair."""
+def _preflight(settings) -> None:
+    """Before `run` or `update` writes anything: the models, the classifiers' files and the class
+    folders are there and readable, so that a missing one is one line now, not a failed stage later."""
+    from di_assets.defs.resources import ModelResource
+    from di_assets.ml.models import check_model_files
+
+    check_model_files(ModelResource(**settings.models).spec())
+    _check_classifier_files(settings)
+    _check_class_folders(settings.dataset)
+
+
+def _check_class_folders(dataset: str) -> None:
+    """Each class folder and its files can be read, and it holds an image (the first one that opens:
+    cheap next to the content hash that the observation computes over every byte). An empty or
+    unreadable folder would otherwise fail a stage later, under a page of Dagster's stack."""
+    from di_assets.ml.classes import discover_classes
+
+    def refused(exc: OSError):
+        if isinstance(exc, PermissionError):
+            what = "class folder" if Path(exc.filename) == c.path else f"folder in class {c.name!r}:"
+            raise PermissionError(f"{what} {exc.filename} cannot be read (permission denied); "
+                                  "make it readable (chmod -R u+rX) or remove it") from None
+        raise exc
+
+    for c in discover_classes(dataset):
+        has_image = False
+        for root, dirs, files in os.walk(c.path, onerror=refused):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden entries are not hashed
+            files = [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+            for path in files:
+                if not os.access(path, os.R_OK):
+                    raise PermissionError(f"{path} cannot be read (permission denied); make it readable "
+                                          "(chmod u+r) or remove it")
+            if Path(root) == c.path:  # the class's images are its top-level files
+                has_image = any(_opens_as_image(f) for f in files)
+        if not has_image:
+            raise ValueError(f"class folder {c.path} has no readable images; add .jpg/.png files or "
+                             "remove the folder")
+
+
+def _opens_as_image(path: str) -> bool:
     from PIL import Image
 
-    from di_assets.ml.generate import contact_sheet
-    from di_assets.ml.io import atomic_path
+    try:
+        with Image.open(path):  # the header only
+            return True
+    except PermissionError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
-    rows = [[Image.open(min((storage / "images" / c / s).glob("*.png"), key=lambda p: int(p.stem))) for s in shifts]
+
+def _one_line(exc: BaseException) -> str:
+    """An error the user can fix, as one line: a pydantic error's first problem, a YAML error's
+    place, else the message's first line."""
+    import yaml
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        what = err["msg"].removeprefix("Input ")
+        return f"{'.'.join(str(p) for p in (exc.title, *err['loc']))}: {what}, got {err.get('input')!r}"
+    if isinstance(exc, yaml.YAMLError):
+        from di_assets.settings import _yaml_problem
+
+        return f"not valid YAML: {_yaml_problem(exc)}"
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -> Path:
+    """A class per row, a shift per column: the first counterfactual of each pair."""
+    from di_assets.ml.generate import contact_sheet
+    from di_assets.ml.io import atomic_path, open_rgb
+
+    rows = [[open_rgb(min((storage / "images" / c / s).glob("*.png"), key=lambda p: int(p.stem))) for s in shifts]
             for c in classes]
     out = storage / "counterfactuals.png"
     with atomic_path(out) as tmp:
@@ -185,15 +279,19 @@ def _write_contact_sheet(storage: Path, classes: list[str], shifts: list[str]) -
     return out
 
 
-def _pivot_sql(class_keys: list[str], shift_keys: list[str]) -> str:
-    cells = ", ".join(
-        f"printf('%.3f / %.3f', max(mean_sim_class) FILTER (class_key = '{k}'), "
-        f"max(mean_sim_shift) FILTER (class_key = '{k}')) AS \"{k}\"" for k in class_keys
-    )
-    order = ", ".join(f"'{s}'" for s in shift_keys)  # keys are partition-safe: no quotes in them
-    return f"SELECT shift, {cells} FROM mean_scores GROUP BY shift ORDER BY list_position([{order}], shift)"
+def _print_mean_scores(db: Path, classes: list[str], shifts: list[str]) -> None:
+    """Mean scores, a shift per row and a class per column (keys are query parameters, never SQL)."""
+    con = _open_scores_db(db)
+    try:
+        cells = {(shift, key): f"{c:.3f} / {s:.3f}" for shift, key, c, s in con.execute(
+            "SELECT shift, class_key, mean_sim_class, mean_sim_shift FROM mean_scores "
+            "WHERE list_contains(?, class_key) AND list_contains(?, shift)", [classes, shifts]).fetchall()}
+    finally:
+        con.close()
+    _print_table(["shift", *classes], [[s, *(cells.get((s, k), "") for k in classes)] for s in shifts])
 
 
+@_one_at_a_time
 def cmd_update(args) -> int:
     """Rerun only what changed since the last update: new, changed and removed classes."""
     from dagster_shared.serdes import deserialize_value, serialize_value
@@ -230,23 +328,66 @@ def cmd_update(args) -> int:
     return 0
 
 
+# The folders whose Parquet files the views read: the only files a query may touch.
+VIEW_DATA = ("scores", "baseline/scores", "predictions", "real_predictions")
+QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # SELECT includes DESCRIBE, SUMMARIZE, SHOW, FROM ..., VALUES
+
+
 def _open_scores_db(db: Path, made_by: str = "scores_db"):
-    """The scores database, read-only; one clear line when no run has made it yet."""
+    """The scores database for reading only: no file but the views' own, no network, no extension.
+
+    One clear line when no run has made it, when its first build was cut short, or while a run writes it."""
     import duckdb
 
     if not db.exists():
         raise SystemExit(f"error: {db} does not exist; run `di-assets run` (or materialize {made_by}) first")
-    return duckdb.connect(str(db), read_only=True)
+    try:
+        con = duckdb.connect(str(db), read_only=True, config={
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    except duckdb.Error as exc:
+        reason = str(exc).splitlines()[0]
+        if "lock" in reason.lower():
+            raise SystemExit(f"error: {db} is being rebuilt by a run; retry when it ends ({reason})") from None
+        raise SystemExit(f"error: cannot open {db}: {reason}") from None
+    # Allowed directories must be set while external access is still on; then lock the configuration
+    # so that no statement can turn either back.
+    con.execute("SET allowed_directories = ?", [[str(db.parent / d) + os.sep for d in VIEW_DATA]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'scores'").fetchone()[0]:
+        con.close()
+        raise SystemExit(f"error: {db} has no views yet: the run that builds them was stopped before it finished; "
+                         f"run `di-assets run` again (or materialize {made_by})")
+    return con
+
+
+def _check_read_only(sql: str) -> None:
+    """Only queries: COPY, ATTACH, INSTALL, SET, PRAGMA, CALL and the like get one clear line."""
+    import duckdb
+
+    try:
+        kinds = [st.type.name for st in duckdb.extract_statements(sql)]
+    except duckdb.Error as exc:
+        raise SystemExit(f"error: {str(exc).splitlines()[0]}") from None
+    wrong = [k for k in kinds if k not in QUERY_STATEMENTS]
+    if wrong or not kinds:
+        raise SystemExit(f"error: di-assets query runs read-only queries over the scores (SELECT, DESCRIBE, "
+                         f"SUMMARIZE, EXPLAIN), not {wrong[0] if wrong else 'an empty statement'}; "
+                         "to save a result, use --output FILE")
 
 
 def _query(db: Path, sql: str, params=None, fmt: str = "table", output: str | None = None) -> int:
     import duckdb
 
+    _check_read_only(sql)
     con = _open_scores_db(db)
     try:
         cur = con.execute(sql, params)
         rows = cur.fetchall()
         cols = [d[0] for d in cur.description] if cur.description else []
+    except duckdb.PermissionException as exc:
+        raise SystemExit(f"error: a query may read only the views' own files under {db.parent} (if this storage "
+                         f"folder was copied or moved, materialize scores_db again): {str(exc).splitlines()[0]}")
     except duckdb.Error as exc:
         raise SystemExit(f"error: {exc}".splitlines()[0])
     finally:
@@ -414,8 +555,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - an error a user can fix is one line; a bug keeps its traceback
+        import yaml
+
+        cause = exc
+        while getattr(cause, "user_exception", None) is not None:  # a Dagster wrapper around our own error
+            cause = cause.user_exception
+        if not isinstance(cause, (OSError, ValueError, KeyError, yaml.YAMLError)):
+            raise
+        print(f"error: {_one_line(cause)}", file=sys.stderr)
         return 2
 
 

@@ -47,7 +47,7 @@ def test_classifiers_in_settings(tmp_path):
     one = Settings.load(storage=str(tmp_path), classifiers=[{"name": "mine", "kind": "reference", "model": "judge"}])
     keys = {k.to_user_string() for k in build_defs(one).resolve_asset_graph().get_all_asset_keys()}
     assert {"predictions/mine", "real_predictions/mine", "diagnosis"} <= keys and "predictions/judge" not in keys
-    for bad, message in [([{"name": "a b", "kind": "reference"}], "must match"),
+    for bad, message in [([{"name": "a b", "kind": "reference"}], "is not a valid key"),
                          ([{"name": "x", "kind": "keras"}], "unknown kind"),
                          ([{"name": "x", "kind": "reference", "wieghts": "w"}], "unknown keys"),
                          ([{"name": "x", "kind": "reference"}, {"name": "x", "kind": "reference"}], "unique"),

@@ -27,20 +27,21 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         automation_condition=dg.AutomationCondition.eager(),
         # A backfill of many classes is one run: the models load once for all of them.
         backfill_policy=dg.BackfillPolicy.single_run(),
-        check_specs=[dg.AssetCheckSpec(TOKEN_CHECK, asset="class_token",
+        # Blocking: a token that fails the check stops downstream assets in the same run.
+        check_specs=[dg.AssetCheckSpec(TOKEN_CHECK, asset="class_token", blocking=True,
                                        description="Every learned vector is finite, its norm within 20x the vocabulary's largest word's")],
         description="One learned token per class (textual inversion): `tokens/<class>/learned_embeds.safetensors`",
     )
     def class_token(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
-        from di_assets.ml.textual_inversion import run_textual_inversion
+        from di_assets.ml.textual_inversion import NonFiniteTokenError, run_textual_inversion
 
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             cfg = params.ti_config(spec.family)
             every = max(1, cfg.steps // 10)
-            rows, curves = [], {}
+            rows, curves, failures = [], {}, {}
             for key in context.partition_keys:
                 folder = storage.class_folder(key)
 
@@ -48,8 +49,15 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                     if step % every == 0 or step == total:
                         context.log.info(f"{token}: step {step}/{total}, loss {loss:.4f}")
 
-                r = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
-                                          output_dir=storage.token_dir(key), progress=progress)
+                try:
+                    r = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
+                                              output_dir=storage.token_dir(key), progress=progress)
+                except CLASS_ERRORS as exc:  # this class's own problem: the others in the range still train
+                    failures[key] = _one_line(exc)
+                    context.log.error(f"class_token {key}: {failures[key]}")
+                    if not isinstance(exc, NonFiniteTokenError):  # the one line is the message; keep the where
+                        context.log.debug(f"class_token {key}: traceback", exc_info=exc)
+                    continue
                 norm = float(r.embeds.norm(dim=-1).max())
                 # sane: no larger than 20x the largest word of the vocabulary (an unpinned tiny
                 # token ends near 10x; a diverging one runs far past that)
@@ -58,6 +66,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                 rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
                              "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})
                 curves[folder.token] = r.losses
+        raise_for_failures(failures, len(context.partition_keys))
         metadata = {
             "classes": len(rows),
             "final_loss": sum(r["final_loss"] for r in rows) / len(rows),
@@ -76,6 +85,36 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         )
 
     return class_token
+
+
+# What one class of a range may raise without stopping the others: divergence (NonFiniteTokenError
+# is a FloatingPointError), and the class folder's own problems (no readable image, gone, no
+# permission; a token that clashes with the vocabulary).
+CLASS_ERRORS = (FloatingPointError, ValueError, FileNotFoundError, PermissionError)
+
+
+class ClassTokenError(RuntimeError):
+    """Some classes of a run failed; `failures` maps each class key to its one-line reason."""
+
+    def __init__(self, message: str, failures: dict[str, str]):
+        super().__init__(message)
+        self.failures = failures
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def raise_for_failures(failures: dict[str, str], total: int) -> None:
+    """One error, in one line, that names every failed class and why (after the others trained)."""
+    if not failures:
+        return
+    others = " (the other classes' tokens are written)" if len(failures) < total else ""
+    raise ClassTokenError(
+        f"textual inversion failed for {len(failures)} of {total} classes{others}: "
+        + " | ".join(f"{k}: {why}" for k, why in failures.items()),
+        dict(failures))
 
 
 def _table(rows) -> str:

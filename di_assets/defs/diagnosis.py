@@ -44,8 +44,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
         from pathlib import Path
 
         from di_assets.ml.diagnosis import PREDICTIONS_DIR, create_views
-        from di_assets.ml.io import atomic_path
-        from PIL import Image
+        from di_assets.ml.io import atomic_path, open_rgb
 
         from di_assets.ml.report import accuracy_chart, heatmap_chart, misclassified, worst_shifts, write_report
 
@@ -64,7 +63,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
                 if worst:  # the worst shift's misclassified images, with the CLIP filter's verdict
                     shift = worst[0]["shift"]
                     wrong[name] = (shift, [
-                        (Image.open(root / m["image_path"]).convert("RGB"),
+                        (open_rgb(root / m["image_path"]),
                          f"{m['label']} → {m['top1']} ({'kept' if m['kept'] else 'dropped'})")
                         for m in misclassified(con, name, shift, n=6) if (root / m["image_path"]).exists()])
                 png = accuracy_chart(con, name)

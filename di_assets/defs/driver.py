@@ -12,6 +12,7 @@ import logging
 import dagster as dg
 
 from .class_images import class_folders_sensor
+from .instance import run_tags
 from .partitions import CLASSES
 
 ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "baseline_counterfactuals",
@@ -56,10 +57,11 @@ class LocalDriver:
     def observe(self) -> None:
         """What the schedule runs: record each class folder's content hash."""
         self.defs.resolve_job_def("observe_class_images").execute_in_process(
-            instance=self.instance, run_config=self.run_config)
+            instance=self.instance, run_config=self.run_config, tags=run_tags())
 
     def materialize(self, selection: list[str], partition_key=None, tags=None):
-        res = self.job.execute_in_process(instance=self.instance, partition_key=partition_key, tags=tags,
+        res = self.job.execute_in_process(instance=self.instance, partition_key=partition_key,
+                                          tags={**run_tags(), **(tags or {})},
                                           run_config=self.run_config,
                                           asset_selection=[dg.AssetKey.from_user_string(s) for s in selection])
         self.runs += 1

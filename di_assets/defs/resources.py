@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe
 
 
 BASELINE_DIR = "baseline"  # the class-name baseline's images and scores, in the same layout
+# Settings are checked whole before any work (see Settings.validate): a key no field knows is an error.
+FORBID_EXTRA = ConfigDict(extra="forbid")
+
+
+def _choices(*choices: str, pattern: str | None = None) -> dict:
+    """Field constraints for a string that must be one of `choices` (`choices` also names them in errors)."""
+    return {"pattern": pattern or "^(" + "|".join(re.escape(c) for c in choices) + ")$",
+            "json_schema_extra": {"choices": list(choices)}}
 
 
 class StorageResource(dg.ConfigurableResource):
     """The class-image dataset (ImageFolder layout) and the storage root of every artifact."""
 
+    model_config = FORBID_EXTRA
     root: str = Field(description="Storage root: tokens/, encoder_root/, images/, scores/, scores.duckdb")
     dataset: str = Field(description="Class-image folder: one sub-folder of images per class")
-    removed_classes: str = Field(default="trash", description="What happens to a removed class's files: trash or delete")
+    # its choices are checked by Settings.validate, and by retire_class when a class goes
+    removed_classes: str = Field(default="trash", json_schema_extra={"choices": ["trash", "delete"]},
+                                 description="What happens to a removed class's files: trash or delete")
 
     def classes(self):
         from di_assets.ml.classes import discover_classes
@@ -96,12 +108,17 @@ class StorageResource(dg.ConfigurableResource):
 class ModelResource(dg.ConfigurableResource):
     """Model family, model ids and device. Models load once per process and are reused."""
 
-    family: str = Field(default="tiny", description="'tiny' (embedded, offline) or 'sd' (Stable Diffusion 1.x/2.x)")
+    model_config = FORBID_EXTRA
+    family: str = Field(default="tiny", **_choices("tiny", "sd"),
+                        description="'tiny' (embedded, offline) or 'sd' (Stable Diffusion 1.x/2.x)")
     diffusion: Optional[str] = Field(default=None, description="sd: Hub id or local diffusers folder")
     clip_model: Optional[str] = Field(default=None, description="open_clip architecture (sd default ViT-H-14)")
     clip_pretrained: Optional[str] = Field(default=None, description="open_clip pretrained tag or local checkpoint")
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
-    dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16")
+    device: str = Field(default="auto", **_choices("auto", "cpu", "cuda", "cuda:N", "mps",
+                                                   pattern=r"^(auto|cpu|cuda|cuda:[0-9]+|mps)$"),
+                        description="auto, cpu, cuda, cuda:1, mps")
+    dtype: str = Field(default="auto", **_choices("auto", "float32", "float16", "bfloat16"),
+                       description="auto, float32, float16, bfloat16")
     compile: bool = Field(default=False, description="torch.compile the UNet (slow first step, faster after)")
     channels_last: bool = Field(default=False, description="channels-last memory format for the UNet and VAE")
     vae_slicing: bool = Field(default=False, description="VAE decodes one image at a time (less memory)")
@@ -129,51 +146,66 @@ class ModelResource(dg.ConfigurableResource):
             yield spec
 
 
-def _ti(key: str, what: str):
-    return Field(default=None, description=describe(TEXTUAL_INVERSION, key, what))
+def _ti(key: str, what: str, **constraints):
+    return Field(default=None, description=describe(TEXTUAL_INVERSION, key, what), **constraints)
 
 
-def _gen(key: str, what: str):
-    return Field(default=None, description=describe(GENERATION, key, what))
+def _gen(key: str, what: str, **constraints):
+    return Field(default=None, description=describe(GENERATION, key, what), **constraints)
+
+
+POSITIVE = {"gt": 0}
+IMAGE_SIZE = {"gt": 0, "multiple_of": 8}  # the VAE works in blocks of 8 pixels
 
 
 class TextualInversionParams(dg.Config):
-    steps: Optional[int] = _ti("steps", "Optimisation steps per token")
-    learning_rate: Optional[float] = _ti("learning_rate", "AdamW learning rate")
-    batch_size: Optional[int] = _ti("batch_size", "Images per step")
-    gradient_accumulation: Optional[int] = _ti("gradient_accumulation", "Steps whose gradients add up per update")
-    resolution: Optional[int] = _ti("resolution", "Training image size (SD2 768, SD1 512)")
-    num_vectors: Optional[int] = _ti("num_vectors", "Embedding vectors per token")
+    model_config = FORBID_EXTRA
+
+    steps: Optional[int] = _ti("steps", "Optimisation steps per token", **POSITIVE)
+    learning_rate: Optional[float] = _ti("learning_rate", "AdamW learning rate", gt=0, allow_inf_nan=False)
+    batch_size: Optional[int] = _ti("batch_size", "Images per step", **POSITIVE)
+    gradient_accumulation: Optional[int] = _ti("gradient_accumulation", "Steps whose gradients add up per update",
+                                                **POSITIVE)
+    resolution: Optional[int] = _ti("resolution", "Training image size (SD2 768, SD1 512)", **IMAGE_SIZE)
+    num_vectors: Optional[int] = _ti("num_vectors", "Embedding vectors per token", **POSITIVE)
     seed: Optional[int] = _ti("seed", "Random seed")
     pin_norm: Optional[bool] = _ti("pin_norm", "Keep the token's norm at the initialiser's")
-    checkpoint_every: Optional[int] = _ti("checkpoint_every", "Steps between checkpoints (a rerun resumes)")
+    checkpoint_every: Optional[int] = _ti("checkpoint_every", "Steps between checkpoints (a rerun resumes)",
+                                           **POSITIVE)
 
 
 class GenerationParams(dg.Config):
-    num_samples: int = Field(default=4, description="Images per class and shift (ImageNet* used 50)")
+    model_config = FORBID_EXTRA
+
+    num_samples: int = Field(default=4, gt=0, description="Images per class and shift (ImageNet* used 50)")
     seed: int = Field(default=0, description="Sample j uses seed + j, in every shift")
-    num_inference_steps: Optional[int] = _gen("num_inference_steps", "Denoising steps")
-    guidance_scale: Optional[float] = _gen("guidance_scale", "Classifier-free guidance scale")
-    scheduler: Optional[str] = _gen("scheduler", "euler, euler_a, ddim, dpm, pndm or ddpm")
-    resolution: Optional[int] = _gen("resolution", "Image size")
+    num_inference_steps: Optional[int] = _gen("num_inference_steps", "Denoising steps", **POSITIVE)
+    guidance_scale: Optional[float] = _gen("guidance_scale", "Classifier-free guidance scale", ge=0,
+                                            allow_inf_nan=False)
+    scheduler: Optional[str] = _gen("scheduler", "euler, euler_a, ddim, dpm, pndm or ddpm",
+                                     **_choices("euler", "euler_a", "ddim", "dpm", "pndm", "ddpm"))
+    resolution: Optional[int] = _gen("resolution", "Image size", **IMAGE_SIZE)
     negative_prompt: Optional[str] = _gen("negative_prompt", "Negative prompt")
-    batch_size: Optional[int] = _gen("batch_size", "Images per pipeline call")
+    batch_size: Optional[int] = _gen("batch_size", "Images per pipeline call", **POSITIVE)
 
 
 class ScoringParams(dg.Config):
     """The CLIP filter that sets `kept`; every dropped image gets its reasons in `drop_reason`."""
 
+    model_config = FORBID_EXTRA
     zero_shot: bool = Field(default=True, description="Keep an image only if CLIP's zero-shot choice among the "
                                                       "dataset's class captions is its own class")
     calibrated: bool = Field(default=True, description="Keep an image only if its class similarity reaches the "
                                                        "midpoint between the class's real images' similarity to "
                                                        "its caption and the image's similarity to other captions")
-    real_images: int = Field(default=32, description="Real images per class that calibrate the floor (the first, "
-                                                     "sorted by file name)")
+    real_images: int = Field(default=32, gt=0, description="Real images per class that calibrate the floor (the "
+                                                           "first, sorted by file name)")
     shift_over_base: bool = Field(default=True, description="Keep a shifted image only if it matches its shift "
                                                             "caption better than the base caption 'a photo'")
-    min_sim_class: Optional[float] = Field(default=None, description="Optional: drop images below this class similarity")
-    min_sim_shift: Optional[float] = Field(default=None, description="Optional: drop images below this shift similarity")
+    min_sim_class: Optional[float] = Field(default=None, ge=-1, le=1, allow_inf_nan=False,
+                                           description="Optional: drop images below this class similarity")
+    min_sim_shift: Optional[float] = Field(default=None, ge=-1, le=1, allow_inf_nan=False,
+                                           description="Optional: drop images below this shift similarity")
 
     def rule(self):
         from di_assets.ml.clip_metric import FilterRule

@@ -6,16 +6,28 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# Dagster partition keys may not contain these; MultiPartitions uses "|" as its separator.
-_FORBIDDEN = re.compile(r"[^A-Za-z0-9_.\-]+")
+# Every key that names a partition and a folder (class, shift, classifier) has this one alphabet: no
+# separator, no "..", no "|" (MultiPartitions' separator), no quote, nothing a shell or SQL must escape.
+KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}")
+_FORBIDDEN = re.compile(r"[^a-z0-9_.\-]+")
+
+
+def check_key(kind: str, key) -> str:
+    """`key` if it is a safe partition and folder name, else one clear ValueError."""
+    if not isinstance(key, str) or not KEY.fullmatch(key):
+        raise ValueError(f"{kind} {key!r} is not a valid key: use 1-100 characters of a-z, 0-9, _ . - "
+                         "starting with a letter or digit (keys name partitions and folders)")
+    return key
 
 
 def class_key(name: str) -> str:
     """A partition-safe key for a class folder name: `hot dog, frank|2` -> `hot_dog_frank_2`."""
-    key = _FORBIDDEN.sub("_", name.strip()).strip("_").lower()
+    key = _FORBIDDEN.sub("_", name.strip().lower()).strip("_.-")
     if not key:
         raise ValueError(f"class name {name!r} gives an empty key; rename the folder with letters or digits")
-    return key
+    if len(key) > 100:
+        raise ValueError(f"class folder name {name[:40]!r}... is too long for a key (over 100 characters); shorten it")
+    return check_key("class key", key)
 
 
 def display_name(folder_name: str) -> str:
@@ -37,6 +49,8 @@ class ClassFolder:
 def discover_classes(dataset_root: str | Path) -> list[ClassFolder]:
     """Every sub-folder of `dataset_root` is a class; keys must be unique."""
     root = Path(dataset_root)
+    if root.is_file():
+        raise NotADirectoryError(f"dataset {root} is a file, not a folder of class folders")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     found: dict[str, ClassFolder] = {}

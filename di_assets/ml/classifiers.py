@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .classes import check_key
 from .imagenet import imagenet_classes, is_wnid
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 KINDS = ("reference", "torchvision", "timm", "hf", "open_clip", "entry_point")
 LOCAL_WEIGHTS = ("torchvision", "timm", "hf")  # kinds whose `weights` is a local file or folder (open_clip: a tag too)
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # the shipped reference-world weights (as in reference_world.train_classifier, without importing torch)
 REFERENCE_WEIGHTS = Path(__file__).resolve().parent.parent / "reference_world" / "weights"
@@ -48,7 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ClassifierSpec:
     """Which classifier to diagnose. Hashable, so it keys the per-process cache."""
 
-    name: str  # in settings and paths: [a-z0-9][a-z0-9_.-]*
+    name: str  # in settings and paths: a key (see ml.classes.check_key)
     kind: str  # one of KINDS
     model: str | None = None  # reference: judge|diagnosed; torchvision/timm/open_clip: architecture; entry_point: pkg.mod:fn
     weights: str | None = None  # torchvision/timm: local file; hf: local folder; open_clip: tag or checkpoint
@@ -60,8 +60,7 @@ class ClassifierSpec:
     device: str = "auto"
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-            raise ValueError(f"classifier name {self.name!r} must match [a-z0-9][a-z0-9_.-]* (lowercase, digits, _ . -)")
+        check_key("classifier name", self.name)
         if self.kind not in KINDS:
             raise ValueError(f"classifier '{self.name}': unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.kind in ("torchvision", "timm", "entry_point") and not self.model:

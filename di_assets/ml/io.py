@@ -86,29 +86,138 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_class_images(folder: str | os.PathLike, with_files: bool = False, limit: int | None = None):
-    """Open every readable image in a class folder as RGB (with `with_files`: (files, images);
-    with `limit`: the first `limit` readable ones, by file name).
+def _bad_image_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises on a file it cannot decode (not only OSError: a broken PNG chunk is a
+    SyntaxError, a decompression bomb an Exception of its own)."""
+    import struct
+    import zlib
 
-    Corrupt or non-image files are skipped with a warning; a folder with no usable image
-    raises a ValueError that names it.
-    """
     from PIL import Image, UnidentifiedImageError
 
+    return (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+            Image.DecompressionBombError)
+
+
+def _composite_on_white(im):
+    from PIL import Image
+
+    rgba = (im.convert("LA") if im.mode == "La" else im).convert("RGBA")  # Pillow has no La -> RGBA
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def _to_8bit(im):
+    """A one-band image of more than 8 bits (`I;16*`, `I`, `F`) as `L`, scaled as a viewer shows it.
+
+    `I;16*` (16-bit PNG/TIFF): value / 257. `I` (32-bit int): 16-bit data if every value lies in
+    0..65535 (Pillow reads 16-bit files as `I` too), else stretched from its min to its max.
+    `F` (float): 0..1 scaled by 255, 0..255 as is, 0..65535 divided by 257, anything else (negative
+    values, larger ranges) stretched from its min to its max; NaN and -inf take the smallest
+    finite value, +inf the largest.
+    """
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0
+    else:
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+        if lo >= 0 and hi <= 1 and im.mode == "F":
+            a = a * 255.0
+        elif lo >= 0 and hi <= 255 and im.mode == "F":
+            pass
+        elif lo >= 0 and hi <= 65535:
+            a = a / 257.0
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def open_rgb(src):
+    """Open an image file (a path or a binary file object) as an 8-bit RGB image, as a viewer shows it.
+
+    - decoded fully here, so a truncated or corrupt file raises now (one of `_bad_image_errors()`),
+      not later in a model; a file over Pillow's pixel limit raises `DecompressionBombError`;
+    - turned upright by its EXIF orientation (`ImageOps.exif_transpose`);
+    - 16-bit, 32-bit int and float images scaled to 8 bits (not clipped: a mid-grey 16-bit PNG
+      is mid-grey, not white; see `_to_8bit`);
+    - transparency (`RGBA`, `LA`, `PA`, palette or grey with a transparent colour) composited on
+      white, as a viewer on a white page shows it: dropping alpha would expose whatever colour
+      transparent pixels hold (often black);
+    - `1`, `L`, `P`, `CMYK`, `YCbCr`, ... converted by Pillow; an animated GIF/WebP/PNG gives its
+      first frame.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(src) as im:
+        im.load()
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception as exc:  # unreadable EXIF: the pixels are fine, show them unrotated
+            log.debug("ignoring the EXIF orientation of %s (%s)", getattr(im, "filename", src), exc)
+            upright = im.copy()
+        im = upright if upright is not None else im.copy()
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
+    if "A" in im.getbands() or "a" in im.getbands() or im.info.get("transparency") is not None:
+        return _composite_on_white(im)
+    return im.convert("RGB")
+
+
+def _skip_reason(path: Path, exc: BaseException) -> str:
+    """Why a file is not a usable image, in a few words (for one warning line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"over Pillow's pixel limit ({str(exc).split(',')[0]})"
+    if isinstance(exc, UnidentifiedImageError):
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = False
+        return "empty file" if empty else "not an image Pillow can read"
+    msg = " ".join(str(exc).split())
+    return f"truncated or corrupt ({exc.__class__.__name__}: {msg})" if msg else \
+        f"truncated or corrupt ({exc.__class__.__name__})"
+
+
+def _list_class_folder(folder: Path) -> list[Path]:
+    """A class folder's visible files, sorted; one clear line when the folder cannot be listed."""
+    try:
+        entries = list(folder.iterdir())
+    except PermissionError:
+        raise PermissionError(
+            f"cannot read class folder {folder}: permission denied; fix its permissions or remove it") from None
+    return sorted(q for q in entries if q.is_file() and not q.name.startswith("."))
+
+
+def load_class_images(folder: str | os.PathLike, with_files: bool = False, limit: int | None = None):
+    """Open every readable image in a class folder as RGB (with `with_files`: (files, images);
+    with `limit`: the first `limit` readable ones, by file name). Images load as `open_rgb` shows them.
+
+    Unreadable files (not an image, empty, truncated, over Pillow's pixel limit, no permission) are
+    skipped with one warning each that names the file and the reason; a folder with no usable
+    image raises a ValueError that names it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"class folder {folder} does not exist")
+    bad = _bad_image_errors()
     files, images = [], []
-    for p in sorted(q for q in folder.iterdir() if q.is_file() and not q.name.startswith(".")):
+    for p in _list_class_folder(folder):
         if limit is not None and len(images) >= limit:
             break
         try:
-            with Image.open(p) as im:
-                im.load()
-                images.append(im.convert("RGB"))
+            images.append(open_rgb(p))
             files.append(p)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            log.warning("skipping %s: not a readable image (%s)", p, exc.__class__.__name__)
+        except bad as exc:
+            log.warning("skipping %s: %s", p, _skip_reason(p, exc))
     if not images:
         raise ValueError(
             f"class folder {folder} has no readable images; add .jpg/.png files or remove the folder"
@@ -118,44 +227,59 @@ def load_class_images(folder: str | os.PathLike, with_files: bool = False, limit
 
 def read_counterfactuals(folder: str | Path) -> tuple[dict, list]:
     """A counterfactual partition's folder: its manifest and its images (RGB), in manifest order."""
-    from PIL import Image
-
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    images = []
-    for rec in manifest["images"]:
-        with Image.open(folder / rec["file"]) as im:
-            images.append(im.convert("RGB"))
+    images = [open_rgb(folder / rec["file"]) for rec in manifest["images"]]
     return manifest, images
 
 
-def hash_folder(folder: str | os.PathLike) -> str:
-    """Content hash of a folder's visible files (names and bytes), stable across mtimes."""
-    return describe_folder(folder, check_images=False)["hash"]
+def hash_folder(folder: str | os.PathLike, warn: bool = True) -> str:
+    """Content hash of a folder's visible files (names and bytes), stable across mtimes.
+
+    A file that cannot be read counts by its name and size (with a warning unless `warn` is
+    False), so fixing its permissions later still changes the hash.
+    """
+    return describe_folder(folder, check_images=False, warn=warn)["hash"]
 
 
-def describe_folder(folder: str | os.PathLike, check_images: bool = True) -> dict:
+def describe_folder(folder: str | os.PathLike, check_images: bool = True, warn: bool = True) -> dict:
     """One pass over a class folder: its content hash, and (with `check_images`) how many of its
-    top-level files are images that Pillow can identify and which files are skipped."""
+    top-level files are images that `open_rgb` loads and which files are skipped.
+
+    An unreadable file is skipped with a warning; an unlistable folder raises PermissionError.
+    """
     import io
 
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
+    if folder.is_dir():
+        _list_class_folder(folder)  # a folder we may not list: one clear line, not an empty hash
+    bad = _bad_image_errors()
     h = hashlib.sha256()
     images, skipped = 0, []
     for p in sorted(q for q in folder.rglob("*") if q.is_file()):
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        data = p.read_bytes()
         h.update(str(rel).encode())
         h.update(b"\0")
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            try:
+                size = p.stat().st_size
+            except OSError:
+                size = -1
+            h.update(hashlib.sha256(f"unreadable file of {size} bytes".encode()).digest())
+            if warn:
+                log.warning("skipping %s: %s", p, _skip_reason(p, exc))
+            if check_images and len(rel.parts) == 1:
+                skipped.append(str(rel))
+            continue
         h.update(hashlib.sha256(data).digest())
         if check_images and len(rel.parts) == 1:
             try:
-                with Image.open(io.BytesIO(data)):  # the header only: cheap next to the hash
-                    images += 1
-            except (UnidentifiedImageError, OSError, ValueError):
+                open_rgb(io.BytesIO(data))  # decoded, as the training will: truncated files count as skipped
+                images += 1
+            except bad:
                 skipped.append(str(rel))
     return {"hash": h.hexdigest()[:16], "images": images, "skipped": skipped}

@@ -298,7 +298,7 @@ def _load_diffusion_components(spec: ModelSpec):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     dtype = torch_dtype(spec.dtype)
-    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    kw = {"local_files_only": True}  # a Hub id is read from the local cache; nothing is downloaded
     log.info("loading diffusion model %s on %s (%s)", spec.diffusion, spec.device, spec.dtype)
     unet = UNet2DConditionModel.from_pretrained(spec.diffusion, subfolder="unet", torch_dtype=dtype, **kw)
     vae = AutoencoderKL.from_pretrained(spec.diffusion, subfolder="vae", torch_dtype=dtype, **kw)
@@ -343,7 +343,7 @@ def load_base_text_encoder(spec: ModelSpec):
 def _load_base_text_encoder(spec: ModelSpec):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    kw = {"local_files_only": True}  # a Hub id is read from the local cache; nothing is downloaded
     tokenizer = CLIPTokenizer.from_pretrained(spec.diffusion, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(spec.diffusion, subfolder="text_encoder", **kw)
     text_encoder.eval().requires_grad_(False)
@@ -361,7 +361,7 @@ def load_scheduler(spec: ModelSpec, name: str = "ddpm"):
     }
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
-    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
+    kw = {"local_files_only": True}  # a Hub id is read from the local cache; nothing is downloaded
     return getattr(diffusers, classes[name]).from_pretrained(spec.diffusion, subfolder="scheduler", **kw)
 
 
@@ -382,9 +382,103 @@ def _load_clip(spec: ModelSpec):
     if spec.clip_model == TINY_CLIP_NAME and _same_path(spec.clip_pretrained, tiny_clip_path()):
         tiny_clip_checkpoint()  # built on first use
     log.info("loading CLIP %s (%s) on %s (%s)", spec.clip_model, spec.clip_pretrained, spec.device, spec.dtype)
+    pretrained = spec.clip_pretrained
+    if pretrained and not Path(pretrained).exists():  # a pretrained tag: its file in the cache, never fetched
+        pretrained = cached_clip_checkpoint(spec.clip_model, pretrained)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        spec.clip_model, pretrained=spec.clip_pretrained, device=spec.device, precision=CLIP_PRECISION[spec.dtype],
+        spec.clip_model, pretrained=pretrained, device=spec.device, precision=CLIP_PRECISION[spec.dtype],
     )
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.clip_model)
     return model, preprocess, tokenizer
+
+
+# ---------------------------------------------------------------- checks before any work
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a model setting names a local path rather than a Hub id (`org/name`) or a tag:
+    absolute, starting with `.` or `~`, with a backslash, or with more than one `/`."""
+    return Path(value).is_absolute() or value.startswith((".", "~")) or "\\" in value or value.count("/") > 1
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache that `from_pretrained` reads, from the environment as it is now."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return Path(cache).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def in_hub_cache(repo_id: str, filename: str = "model_index.json") -> bool:
+    """Whether a Hub repository's file is in the local cache: no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir()), str)
+    except ValueError:  # not a valid repo id (HFValidationError)
+        return False
+
+
+def cached_clip_checkpoint(arch: str, tag: str) -> str:
+    """The local file of open_clip's pretrained `tag` for `arch`, from the Hugging Face cache (no network)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = ((open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or "").strip("/")
+    if not repo:
+        raise FileNotFoundError(f"models.clip_pretrained: open_clip knows no pretrained tag {tag!r} for {arch} on "
+                                "the Hugging Face Hub; give a local checkpoint file")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name, cache_dir=hub_cache_dir())
+        if isinstance(found, str):
+            return found
+    raise FileNotFoundError(f"models.clip_pretrained: {arch} {tag} ({repo}) is not in the Hugging Face cache "
+                            f"({hub_cache_dir()}), and di-assets never downloads weights: fetch it first "
+                            f"(`hf download {repo}`) or give a local checkpoint file")
+
+
+def check_model_files(spec: ModelSpec) -> None:
+    """Before any work: the models that `spec` names are here, as one line `models.<key>: ...`.
+
+    A local diffusion folder or CLIP checkpoint must exist; a diffusion Hub id must be in the local
+    Hugging Face cache (weights are never downloaded); the dtype must run on the device. Nothing is
+    loaded or built, and the network is not used. Raises FileNotFoundError or ValueError.
+    """
+    try:
+        resolve_dtype(spec.dtype, resolve_device(spec.device))
+    except ValueError as exc:
+        raise ValueError(f"models.dtype: {exc}") from None
+    diffusion, clip_model, clip_pretrained = spec.diffusion, spec.clip_model, spec.clip_pretrained
+    if spec.family == "sd":  # the defaults count too (the tiny family's are shipped or built)
+        sd = replace(spec, device="cpu", dtype="float32").resolved()
+        diffusion, clip_model, clip_pretrained = sd.diffusion, sd.clip_model, sd.clip_pretrained
+    if diffusion:
+        path = Path(diffusion)
+        if _is_local(diffusion) or looks_like_path(diffusion):  # as the loaders tell a folder from a Hub id
+            if not path.exists():
+                hint = " (~ is not expanded: write the full path)" if diffusion.startswith("~") else ""
+                raise FileNotFoundError(f"models.diffusion: folder {diffusion} does not exist{hint}")
+            if not path.is_dir():
+                raise NotADirectoryError(f"models.diffusion: {diffusion} is a file, not a diffusers model folder")
+            if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+                raise FileNotFoundError(f"models.diffusion: folder {diffusion} holds no diffusers model "
+                                        "(no model_index.json); write it with save_pretrained")
+        elif not in_hub_cache(diffusion):
+            raise FileNotFoundError(
+                f"models.diffusion: {diffusion} is neither a local folder nor in the Hugging Face cache "
+                f"({hub_cache_dir()}), and di-assets never downloads weights: fetch it first "
+                f"(`hf download {diffusion}`) or give a local diffusers folder")
+    if clip_pretrained and (looks_like_path(clip_pretrained) or "/" in clip_pretrained
+                            or clip_pretrained.endswith(CHECKPOINT_SUFFIXES)):
+        path = Path(clip_pretrained)
+        if not path.exists():
+            hint = " (~ is not expanded: write the full path)" if clip_pretrained.startswith("~") else ""
+            raise FileNotFoundError(f"models.clip_pretrained: checkpoint file {clip_pretrained} does not exist{hint}")
+        if path.is_dir():
+            raise IsADirectoryError(f"models.clip_pretrained: {clip_pretrained} is a folder, not a checkpoint file")
+    elif clip_pretrained and clip_model:
+        cached_clip_checkpoint(clip_model, clip_pretrained)

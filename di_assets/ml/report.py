@@ -339,13 +339,13 @@ def _safe_image_file(root: Path, rel) -> Path | None:
 
 
 def _thumbnail_uri(path: Path) -> str | None:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .io import open_rgb
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+        img = open_rgb(path)
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     w, h = img.size
     if min(w, h) < THUMB_MIN:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from .classes import check_key
+
 TOKEN = "<TOKEN>"
 
 
@@ -101,8 +103,7 @@ def select_shifts(spec=None) -> list[Shift]:
     if dupes:
         raise ValueError(f"shift keys must be unique; repeated: {sorted(dupes)}")
     for k in keys:
-        if any(ch in k for ch in "|[],") or not k:
-            raise ValueError(f"shift key {k!r} may not be empty or contain | [ ] ,")
+        check_key("shift key", k)
     return shifts
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,18 @@ log = logging.getLogger("di_assets")
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 LOSS_FILE = "loss.json"
+
+
+class NonFiniteTokenError(FloatingPointError):
+    """Training diverged: the loss or the learned vectors stopped being finite (one-line message).
+
+    The last good checkpoint stays on disk; no token file is written.
+    """
+
+    def __init__(self, message: str, *, token: str | None = None, step: int | None = None,
+                 loss: float | None = None):
+        super().__init__(message)
+        self.token, self.step, self.loss = token, step, loss
 
 
 _SD = TEXTUAL_INVERSION["sd"]  # the paper's defaults; the tiny family's are in ml/defaults.py too
@@ -190,7 +203,7 @@ def run_textual_inversion(
     output_dir = Path(output_dir) if output_dir is not None else None
     device = spec.device
 
-    images = load_class_images(train_path)
+    images = load_class_images(train_path)  # warns once per unreadable file
     base_tokenizer, text_encoder = load_base_text_encoder(spec)
     text_encoder.to(device)
     unet, vae = load_diffusion_components(spec)
@@ -230,7 +243,7 @@ def run_textual_inversion(
     prediction = scheduler.config.prediction_type
 
     run_config = {**asdict(cfg), "token": token, "class_name": class_name,
-                  "data": hash_folder(train_path), "model": spec.diffusion}
+                  "data": hash_folder(train_path, warn=False), "model": spec.diffusion}
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     start = 0
@@ -239,6 +252,12 @@ def run_textual_inversion(
         start = _restore(ckpt_dir, run_config, vectors, optimizer, gen, losses)
 
     injector = _TokenInjector(text_encoder.get_input_embeddings(), first_id, vectors)
+
+    def diverged(step: int, loss: float, what: str) -> NonFiniteTokenError:
+        return NonFiniteTokenError(
+            f"textual inversion of {token} ({class_name}) diverged at step {step}: {what}; "
+            f"lower textual_inversion.learning_rate (now {cfg.learning_rate:g})",
+            token=token, step=step, loss=loss)
 
     def loss_on(idx, tmpl, noise_gen) -> torch.Tensor:
         latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=noise_gen).to(device)
@@ -275,11 +294,17 @@ def run_textual_inversion(
                 loss = loss_on(idx, tmpl, gen) / cfg.gradient_accumulation
                 loss.backward()
                 total += loss.detach().item()
+            # Stop at the first non-finite loss or vector: `total` is already on the host, and the
+            # vectors are a few numbers. Nothing non-finite reaches a checkpoint or the token file.
+            if not math.isfinite(total):
+                raise diverged(step + 1, total, f"the loss is {total}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg.pin_norm:
                 with torch.no_grad():
                     vectors.mul_(init_norm / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            if not bool(torch.isfinite(vectors).all()):
+                raise diverged(step + 1, total, f"the learned vectors are not finite (loss {total:.4g})")
             losses.append(total)
             done = step + 1
             if progress is not None:
@@ -312,6 +337,9 @@ def save_learned_embeds(path, token: str, embeds: torch.Tensor) -> None:
     """diffusers' `learned_embeds.safetensors`: {token: (num_vectors, dim)}."""
     from safetensors.torch import save_file
 
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"refusing to write {path}: token {token} holds non-finite values (nan/inf); "
+                         f"retrain it with a lower learning rate")
     with atomic_path(path) as tmp:
         save_file({token: embeds.detach().float().cpu().contiguous()}, str(tmp))
 
@@ -323,6 +351,9 @@ def load_learned_embeds(path) -> tuple[str, torch.Tensor]:
     if len(data) != 1:
         raise ValueError(f"{path} holds {len(data)} tensors; a learned_embeds file holds exactly one token")
     (token, embeds), = data.items()
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{path}: token {token} holds non-finite values (nan/inf); delete it and retrain "
+                         f"the token with a lower learning rate")
     return token, embeds.reshape(-1, embeds.shape[-1])
 
 
@@ -356,6 +387,9 @@ def _restore(ckpt_dir: Path, run_config: dict, vectors, optimizer, gen, losses) 
                 t = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # a damaged checkpoint must not block training
             log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+            continue
+        if not bool(torch.isfinite(t["vectors"]).all()):  # written by a version without the guard
+            log.warning("ignoring checkpoint %s: its vectors are not finite", path.name)
             continue
         with torch.no_grad():
             vectors.copy_(t["vectors"].to(vectors.device))
