@@ -18,6 +18,8 @@ def _settings(args):
     For `run` and `update`, also everything they read before any work starts (`_preflight`)."""
     from di_assets.settings import Settings
 
+    if getattr(args, "checked_settings", None) is not None:  # checked once per command
+        return args.checked_settings
     overrides = {"dataset": getattr(args, "dataset", None), "storage": getattr(args, "storage", None)}
     settings = Settings.load(args.config, **overrides)
     flags = []
@@ -38,6 +40,7 @@ def _settings(args):
         settings.validate()
     if getattr(args, "command", None) in ("run", "update"):
         _preflight(settings)
+    args.checked_settings = settings
     return settings
 
 
@@ -65,10 +68,8 @@ def _one_at_a_time(command):
     @functools.wraps(command)
     def locked(args) -> int:
         from di_assets.defs.instance import storage_lock
-        from di_assets.ml.shifts import select_shifts
 
-        settings = _settings(args)
-        select_shifts(settings.shifts)  # bad settings fail before anything is written
+        settings = _settings(args)  # bad settings fail before anything is written
         with storage_lock(Path(settings.storage)):
             return command(args)
 

@@ -99,7 +99,8 @@ def check_storage(root: Path) -> dict:
 def no_run_left_started(root: Path) -> None:
     import dagster as dg
 
-    instance = dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(root / ".dagster")))
+    instance = dg.DagsterInstance.local_temp(tempdir=str(root / ".dagster"))  # as the command opens it, minus
+    # its clean-up of runs whose process died: this asks whether any was left behind
     running = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
                                                                 dg.DagsterRunStatus.STARTING]))
     assert running == []
@@ -135,10 +136,10 @@ def test_killed_in_every_stage_then_a_rerun_completes_with_nothing_lost(world):
             assert p.returncode == 0, p.stdout.read()
     # nearly every stage writes a new file on a rerun, so nearly every kill lands
     assert len(fired) >= len(KILL_POINTS) - 2, fired
+    print(f"killed in: {', '.join(fired)}")
     last = start(world, "killed")
     out = last.communicate(timeout=600)[0]
     assert last.returncode == 0, out
-    assert "marked" not in out or "failed" in out
 
     killed, undisturbed = check_storage(root), check_storage(world / "calm")
     no_run_left_started(root)

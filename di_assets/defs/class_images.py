@@ -7,11 +7,15 @@ import dagster as dg
 from .partitions import CLASSES
 from .resources import StorageResource
 
+REMOVED = "removed"  # the data version of a class folder that is gone
+LIFE = "~"  # "<content hash>~<n>": the data version of a class folder that came back after it was removed
+
 
 @dg.observable_source_asset(
     partitions_def=CLASSES,
     group_name="interface",
-    description="Class folders of the image dataset (ImageFolder layout). Data version: content hash of each folder.",
+    description="Class folders of the image dataset (ImageFolder layout). Data version: content hash of each folder "
+                "(with a suffix once a removed class has come back).",
 )
 def class_images(context, storage: StorageResource) -> dg.DataVersionsByPartition:
     classes = storage.classes()
@@ -19,20 +23,48 @@ def class_images(context, storage: StorageResource) -> dg.DataVersionsByPartitio
     for key in known:
         if key in classes:
             # each class's own record: its data version (the content hash) and what the folder holds
-            context.log_event(folder_observation(key, classes[key]))
+            context.log_event(folder_observation(key, classes[key], context.instance))
     return dg.DataVersionsByPartition({})
 
 
-def folder_observation(key: str, folder) -> dg.AssetObservation:
-    """A class folder's observation: content hash as data version; image count, skipped files, path."""
+def folder_observation(key: str, folder, instance: dg.DagsterInstance | None = None, *,
+                       new: bool = False) -> dg.AssetObservation:
+    """A class folder's observation: content hash as data version; image count, skipped files, path.
+
+    A class that comes back after it was removed (`new`, with earlier records of its key) is
+    new data even with the same images: its token, images and scores left with it. Its data
+    version is then the hash with a suffix (`<hash>~<n>`) that no earlier version of the key has,
+    so class_token reruns whenever automation last looked (also when no automation tick saw the
+    REMOVED version in between); later observations keep that version while the content stays.
+    """
     from di_assets.ml.io import describe_folder
 
     d = describe_folder(folder.path)
+    version = d["hash"]
+    last = _latest_observation(instance, key) if instance is not None else None
+    if last is not None:
+        was = last.asset_observation.tags.get("dagster/data_version") or ""
+        if new:
+            version = f"{d['hash']}{LIFE}{last.storage_id}"
+        elif was.startswith(d["hash"] + LIFE):
+            version = was
     return dg.AssetObservation(
-        asset_key="class_images", partition=key, tags={"dagster/data_version": d["hash"]},
+        asset_key="class_images", partition=key, tags={"dagster/data_version": version},
         metadata={"images": d["images"], "skipped_files": len(d["skipped"]),
                   "skipped": ", ".join(d["skipped"][:20]) or "none", "hash": d["hash"],
                   "folder": dg.MetadataValue.path(str(folder.path)), "class_name": folder.name})
+
+
+def _latest_observation(instance: dg.DagsterInstance, key: str):
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("class_images"), asset_partitions=[key]), limit=1).records
+    return records[0] if records else None
+
+
+def removed_observation(key: str) -> dg.AssetObservation:
+    """A removed class folder's observation: data version REMOVED (no content hash is equal to it)."""
+    return dg.AssetObservation(asset_key="class_images", partition=key, tags={"dagster/data_version": REMOVED},
+                               metadata={"images": 0, "removed": True})
 
 
 observe_class_images = dg.define_asset_job(
@@ -69,11 +101,15 @@ def class_folders_sensor(context: dg.SensorEvaluationContext, storage: StorageRe
         requests.append(CLASSES.build_add_request(new))  # class_token's eager condition fills them
         classes = storage.classes()
         # Observe them at once, so their tokens need not wait for the next scheduled observation.
-        events = [folder_observation(key, classes[key]) for key in new]
+        events = [folder_observation(key, classes[key], context.instance, new=True) for key in new]
     if gone:
         for key in gone:
             where = storage.retire_class(key)
             context.log.info(f"class {key} removed; its files {'moved to ' + str(where) if where else 'deleted'}")
+        # The folder's data version becomes REMOVED: its files just left. A class of that key that
+        # comes back (the same images or not) gets a new data version (see folder_observation), so
+        # its token is learned again and everything downstream follows.
+        events += [removed_observation(key) for key in gone]
         requests.append(CLASSES.build_delete_request(gone))
     if gone and not new:
         # Drop the classes from the encoder root. (With new classes too, automation rebuilds the

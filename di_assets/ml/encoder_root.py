@@ -35,7 +35,7 @@ log = logging.getLogger("di_assets")
 
 TOKENS_FILE = "tokens.json"
 PAPER_TOKENS_FILE = "tokens.pt"  # the paper's root (MadryLab/dataset-interfaces `create_encoder`)
-RETIRED = "<di-retired-{}>"  # the tokenizer's name for a row no class uses any more
+RETIRED = "<di-retired|{}>"  # a row no class uses any more; "|" is in no class key, so no class can clash
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,15 @@ def update_token_dictionary(
 
     A class already in the root keeps its index and token ids, and its rows are replaced; a
     new class is appended (one resize for all new ones); a class not listed leaves
-    `tokens.json` (its rows stay, inert, so no other id moves). A class whose token now has
-    another number of vectors keeps its index and its first ids: extra vectors get new rows at
-    the end, and rows it no longer uses are retired (renamed in the tokenizer, so `<t>_1` no
-    longer expands). Without an existing root, or with one of another base model, this builds
-    a new root.
+    `tokens.json`, and its rows stay (so no other id moves) but are retired: renamed in the
+    tokenizer, so its token is free again. A class that comes back, or a new class that takes a
+    removed class's token, is appended like any new class, with a new index (indices and rows
+    are never reused). A class whose token now has another number of vectors keeps its index
+    and its first ids: extra vectors get new rows at the end, and rows it no longer uses are
+    retired too (so `<t>_1` no longer expands). Any other added row that no class owns, such as
+    one a removed class left under its name in a root written by an older version, is retired
+    the same way. Without an existing root, or with one of another base model, this builds a
+    new root.
     """
     spec = (model or ModelSpec()).resolved()
     root = Path(encoder_root)
@@ -144,19 +148,25 @@ def embeds_digest(matrix: torch.Tensor) -> str:
 def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, spec, out: Path) -> Path:
     dim = text_encoder.get_input_embeddings().embedding_dim
     # replaced: (index, key, token, name, vectors, kept ids, names of the extra vectors)
-    replaced, appended, retired = [], [], []
+    replaced, appended = [], []
+    owned: dict[int, str] = {}  # every row a class keeps, under the name its prompts expand to
     for key, tok, name, m in items:
         if m.shape[-1] != dim:
             raise ValueError(f"embedding for {tok} has dimension {m.shape[-1]}, but the text encoder expects {dim}")
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"class {name!r} ({key}): token {tok} holds non-finite values (nan/inf); "
+                             f"retrain it (class_token) with a lower learning rate before building the encoder root")
         old = existing.get(key)
         if old is not None and old["token"] == tok:
             ids, k = list(old["token_ids"]), m.shape[0]
-            retired += ids[k:]  # fewer vectors than before: the surplus rows go out of use
-            replaced.append((old["index"], key, tok, name, m, ids[:k], placeholder_tokens(tok, k)[len(ids):]))
+            names = placeholder_tokens(tok, k)
+            owned.update(zip(ids[:k], names))  # fewer vectors than before: the surplus rows go out of use
+            replaced.append((old["index"], key, tok, name, m, ids[:k], names[len(ids):]))
         else:
             appended.append((key, tok, name, m))
-    if retired:
-        tokenizer = _retire(tokenizer, retired, spec)
+    # Every other added row (a removed class's, a renamed token's, surplus vectors, or an orphan left
+    # by an older version) is retired, so that its token is free for a class that comes (back) later.
+    tokenizer, retired = _retire_unowned(tokenizer, owned, spec)
     grown = [n for *_, extra in replaced for n in extra]
     new_names = grown + [n for _, tok, _, m in appended for n in placeholder_tokens(tok, m.shape[0])]
     repeated = {t for t in new_names if new_names.count(t) > 1}
@@ -205,24 +215,38 @@ def write_root(folder: Path, tokenizer, text_encoder, *, family: str, base_model
     }, indent=2) + "\n")
 
 
-def _retire(tokenizer, ids: list[int], spec: ModelSpec):
-    """The same tokenizer (every id unchanged) with the tokens of `ids` renamed out of use.
+def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec):
+    """The tokenizer (every id unchanged) with each added row that no class owns renamed out of use.
 
-    A tokenizer cannot drop an added token, so it is rebuilt: the base tokenizer, then every
-    added token in id order, a retired one under a name no prompt holds.
+    `owned` maps the rows that classes keep to their names. Returns the tokenizer and the ids
+    newly retired. A tokenizer cannot drop or rename an added token, so when a name changes it
+    is rebuilt: the base tokenizer, then every added row in id order, a retired one under a name
+    no prompt holds (`RETIRED`). Rows are never removed or reused: no other class's ids move.
     """
+    first = len(_base_tokenizer(spec.diffusion))
+    ids = list(range(first, len(tokenizer)))
+    stray = sorted(i for i in owned if not first <= i < len(tokenizer))
+    if stray:
+        raise RuntimeError(f"tokens.json names token ids {stray[:10]} that are not added rows of the root's "
+                           "tokenizer; rebuild the root")
+    current = tokenizer.convert_ids_to_tokens(ids)
+    names = [owned.get(i, RETIRED.format(i)) for i in ids]
+    if names == current:
+        return tokenizer, []
+    fresh = copy.deepcopy(_base_tokenizer(spec.diffusion))
+    fresh.add_tokens(names)
+    if len(fresh) != len(tokenizer) or fresh.convert_tokens_to_ids(names) != ids:
+        raise RuntimeError("could not rebuild the encoder root's tokenizer with the same ids; rebuild the root")
+    return fresh, [i for i, was, now in zip(ids, current, names) if was != now and i not in owned]
+
+
+@functools.lru_cache(maxsize=4)
+def _base_tokenizer(diffusion: str):
+    """The base model's tokenizer alone (shared: copy it before adding tokens)."""
     from transformers import CLIPTokenizer
 
-    kw = {"local_files_only": True} if _is_local(spec.diffusion) else {}
-    fresh = CLIPTokenizer.from_pretrained(spec.diffusion, subfolder="tokenizer", **kw)
-    first = len(fresh)
-    gone = set(ids)
-    names = [RETIRED.format(i) if i in gone else t
-             for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(first, len(tokenizer)))), first)]
-    fresh.add_tokens(names)
-    if len(fresh) != len(tokenizer) or fresh.convert_tokens_to_ids(names) != list(range(first, len(tokenizer))):
-        raise RuntimeError("could not rebuild the encoder root's tokenizer with the same ids; rebuild the root")
-    return fresh
+    kw = {"local_files_only": True} if _is_local(diffusion) else {}
+    return CLIPTokenizer.from_pretrained(diffusion, subfolder="tokenizer", **kw)
 
 
 def root_marker(encoder_root) -> Path:
