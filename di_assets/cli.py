@@ -44,6 +44,18 @@ def _settings(args):
     return settings
 
 
+SETTINGS_TAG = "di_assets/settings"
+
+
+def _settings_tag(settings) -> dict:
+    """The run tag that records the resolved settings (every family default filled in), as JSON."""
+    import json
+
+    from di_assets.defs.resources import resolved_settings
+
+    return {SETTINGS_TAG: json.dumps(resolved_settings(settings), sort_keys=True)}
+
+
 def _instance(storage: Path):
     """The Dagster instance: $DAGSTER_HOME if set, else one kept beside the artifacts."""
     from di_assets.defs.instance import open_instance
@@ -83,6 +95,7 @@ def cmd_run(args) -> int:
     from di_assets.defs import CLASSES, build_defs
     from di_assets.defs.driver import LocalDriver
     from di_assets.defs.instance import run_tags
+    from di_assets.defs.progress import run_loggers
     from di_assets.ml.shifts import select_shifts
 
     settings = _settings(args)  # checked, with the models, classifier files and class folders it names
@@ -91,25 +104,32 @@ def cmd_run(args) -> int:
     defs = build_defs(settings)
     instance = _instance(storage)
     job = defs.resolve_implicit_global_asset_job_def()
-    # Dagster's own event log stays in the instance (and the UI); the console shows our progress lines.
-    log_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    # Dagster's own event log stays in the instance (and the UI). The terminal shows a bar per stage and
+    # our summary lines; every line of the runs goes to the log file (and, with --verbose, the terminal).
+    log_file = storage / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    settings_tag = _settings_tag(settings)  # each run records the settings it used, defaults filled in
+    if not args.verbose:  # the sensor's own lines (new classes, ...): the command says it in its own words
+        logging.getLogger("dagster").setLevel(logging.WARNING)
     t0 = time.time()
 
-    def step(label, selection, **kw):
+    def step(label, selection, partitions=1, **kw):
         t = time.time()
         try:
-            job.execute_in_process(instance=instance, run_config=log_config, tags={**run_tags(), **kw.pop("tags", {})},
-                                   asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s)
-                                                    for s in selection], **kw)
-        except dg.DagsterExecutionStepExecutionError as exc:  # the stage's own error, in one line
-            cause = exc.user_exception or exc
-            raise SystemExit(f"error: {label.split(':')[0]} failed: {str(cause).strip().splitlines()[0]}") from None
+            job.execute_in_process(
+                instance=instance, tags={**run_tags(), **settings_tag, **kw.pop("tags", {})},
+                run_config=run_loggers(log_file, args.verbose, label.split(":")[0], partitions, args.log_level),
+                asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s) for s in selection], **kw)
+        except Exception as exc:  # the stage's own error, in one line; its traceback is in the log file
+            cause = getattr(exc, "user_exception", None) or exc
+            raise SystemExit(f"error: {label.split(':')[0]} failed: {str(cause).strip().splitlines()[0]} "
+                             f"(the run's log: {log_file})") from None
         print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
 
     def over(first, last):  # one run over a range of partitions: models load once for all of them
         return {"tags": {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}}
 
-    driver = LocalDriver(defs, instance, log_config)
+    driver = LocalDriver(defs, instance, run_loggers(log_file, args.verbose, log_level=args.log_level, bar=False),
+                         settings_tag)
     driver.sensor()  # the same sensor as in `dagster dev`: add new class folders, retire removed ones
     classes = instance.get_dynamic_partitions(CLASSES.name)
     if not classes:
@@ -117,15 +137,17 @@ def cmd_run(args) -> int:
     print(f"dataset  {settings.dataset}: {len(classes)} classes ({', '.join(classes)})")
     print(f"shifts   {len(shifts)}: {', '.join(shifts)}")
     print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
+    print(f"log      {log_file} (every line of the runs; --verbose shows them here)")
 
     driver.observe()
-    step(f"class_token: {len(classes)} classes", ["class_token"], **over(classes[0], classes[-1]))
+    n, grid = len(classes), len(classes) * len(shifts)
+    step(f"class_token: {n} classes", ["class_token"], n, **over(classes[0], classes[-1]))
     step("encoder_root", ["encoder_root"])
     step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
-         ["counterfactuals", "clip_scores"], **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
+         ["counterfactuals", "clip_scores"], grid, **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
     if settings.baseline:
         step(f"baseline (class names): {len(classes)} classes x {len(shifts)} shifts",
-             ["baseline_counterfactuals", "baseline_scores"],
+             ["baseline_counterfactuals", "baseline_scores"], grid,
              **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
     step("scores_db", ["scores_db"])
     classifiers = [c.name for c in settings.classifier_specs()]
@@ -133,9 +155,9 @@ def cmd_run(args) -> int:
         from di_assets.defs.predictions import prediction_key, real_prediction_key
 
         step(f"real_predictions: {len(classifiers)} classifiers x {len(classes)} classes",
-             [real_prediction_key(c) for c in classifiers], **over(classes[0], classes[-1]))
+             [real_prediction_key(c) for c in classifiers], n, **over(classes[0], classes[-1]))
         step(f"predictions: {len(classifiers)} classifiers x {len(classes)} classes x {len(shifts)} shifts",
-             [prediction_key(c) for c in classifiers],
+             [prediction_key(c) for c in classifiers], grid,
              **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
         step("diagnosis", ["diagnosis"])
     print(f"\ndone in {time.time() - t0:.1f}s. Results under {storage}:")
@@ -299,11 +321,14 @@ def cmd_update(args) -> int:
 
     from di_assets.defs import build_defs
     from di_assets.defs.driver import LocalDriver
+    from di_assets.defs.progress import run_loggers
 
     settings = _settings(args)
     storage = Path(settings.storage)
+    log_file = storage / "logs" / f"update-{time.strftime('%Y%m%d-%H%M%S')}.log"
     driver = LocalDriver(build_defs(settings), _instance(storage),
-                         {"loggers": {"console": {"config": {"log_level": args.log_level}}}})
+                         run_loggers(log_file, args.verbose, log_level=args.log_level, bar=False),
+                         _settings_tag(settings))
     cursor_file = storage / ".automation_cursor"
     if cursor_file.exists():
         driver.cursor = deserialize_value(cursor_file.read_text())
@@ -495,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     r.add_argument("--shifts", help="comma-separated shift keys (default: from the config)")
     r.add_argument("--num-samples", type=int, help="images per class and shift")
-    r.add_argument("--log-level", default="INFO", help="console log level of the runs (default: INFO, progress lines)")
+    r.add_argument("--verbose", action="store_true",
+                   help="show every log line of the runs (Dagster's console) instead of one progress bar per stage")
+    r.add_argument("--log-level", default="INFO", help="with --verbose, the console's log level (default: INFO)")
     r.set_defaults(func=cmd_run)
 
     u = sub.add_parser("update", help="rerun only what changed in the dataset",
@@ -504,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "schedule and declarative automation turned on).")
     common(u)
     u.add_argument("--dataset", help="class-image folder (ImageFolder layout)")
-    u.add_argument("--log-level", default="WARNING", help="console log level of the runs (default: WARNING)")
+    u.add_argument("--verbose", action="store_true", help="show every log line of the runs on the terminal")
+    u.add_argument("--log-level", default="INFO", help="with --verbose, the console's log level (default: INFO)")
     u.set_defaults(func=cmd_update)
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",

@@ -35,7 +35,19 @@ def test_run_then_query(tmp_path):
     run = di("run", "--config", str(cfg), env=env)
     out = run.stdout
     assert "2 classes (circle, square)" in out and "counterfactuals + clip_scores: 2 classes x 2 shifts" in out
-    assert "<square>: step 4/4" in run.stderr  # progress lines of the run, in Dagster's log
+    # the terminal: a bar per stage, none of Dagster's per-step lines; those are all in the log file
+    assert "class_token: " in run.stderr and "STEP_SUCCESS" not in run.stderr and "<square>: step" not in run.stderr
+    log = next(line.split()[1] for line in out.splitlines() if line.startswith("log "))
+    text = open(log).read()
+    assert "<square>: step 4/4" in text and "STEP_SUCCESS" in text and "RUN_SUCCESS" in text
+    import json
+
+    import dagster as dg
+
+    runs = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "home")).get_runs()
+    recorded = [json.loads(r.tags["di_assets/settings"]) for r in runs if "di_assets/settings" in r.tags]
+    assert recorded and all(r == recorded[0] for r in recorded)  # every run records the resolved settings
+    assert recorded[0]["textual_inversion"]["steps"] == 4 and recorded[0]["generation"]["num_inference_steps"] == 10
     assert str(tmp_path / "store") in out
     table = out.split("mean CLIP similarity per shift and class")[1].splitlines()
     assert table[1].split() == ["shift", "circle", "square"]
@@ -52,6 +64,37 @@ def test_run_then_query(tmp_path):
     up = di("update", "--config", str(cfg), env=env).stdout
     assert "  class_token: circle\n" in up and "  counterfactuals: circle|at_night, circle|base\n" in up
     assert "square" not in up
+
+
+def test_verbose_runs_log_to_the_terminal_and_quiet_ones_to_a_bar():
+    from di_assets.defs.progress import run_loggers
+
+    quiet, verbose = run_loggers("x.log", False), run_loggers("x.log", True, log_level="DEBUG")
+    assert quiet["loggers"]["console"]["config"]["log_level"] == "CRITICAL"
+    assert quiet["loggers"]["di_assets_cli"]["config"]["bar"] is True
+    assert verbose["loggers"]["console"]["config"]["log_level"] == "DEBUG"
+    assert verbose["loggers"]["di_assets_cli"]["config"]["bar"] is False
+
+
+def test_the_bar_follows_textual_inversion_steps_and_partitions():
+    import io
+    import logging
+
+    from di_assets.defs.progress import _Bar
+
+    out = io.StringIO()
+    bar = _Bar("run-1", "class_token", 2, out)
+
+    def say(msg):
+        bar.emit(logging.LogRecord("x", logging.INFO, "", 0, msg, None, None))
+
+    say("<circle>: step 5/10, loss 0.1")
+    say("<square>: step 5/10, loss 0.1")
+    tqdm_bar = _Bar._bars["run-1"][0]
+    assert (tqdm_bar.n, tqdm_bar.total, tqdm_bar.unit) == (15, 20, "step")
+    say("circle / base: 4 images (3/8 partitions)")
+    assert (tqdm_bar.n, tqdm_bar.total) == (3, 8)
+    assert "class_token" in out.getvalue() and "<square>" in out.getvalue()
 
 
 def test_query_before_any_run_says_what_to_do(tmp_path):

@@ -19,8 +19,9 @@ def test_definitions_load_with_every_stage(tmp_path):
                     "predictions/diagnosed", "predictions/judge", "real_predictions/diagnosed",
                     "real_predictions/judge", "diagnosis"}
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
-    assert checks == {("class_token", "token_is_finite_with_sane_norm"),
-                      ("counterfactuals", "has_expected_image_count"), ("clip_scores", "scores_in_range")}
+    assert checks == {("class_images", "has_a_readable_image"), ("class_token", "token_is_finite_with_sane_norm"),
+                      ("encoder_root", "holds_every_current_token"), ("counterfactuals", "has_expected_image_count"),
+                      ("clip_scores", "scores_in_range"), ("scores_db", "rows_match_score_files")}
     grid = defs.resolve_assets_def("counterfactuals").partitions_def
     assert [d.name for d in grid.partitions_defs] == ["class", "shift"]
     assert len(grid.partitions_defs[1].partitions_def.get_partition_keys()) == 24  # base + 23 ImageNet* shifts

@@ -199,3 +199,21 @@ def test_a_second_command_on_one_storage_root_waits_its_turn(tmp_path):
     holder.wait()
     assert waited > 1.0 and f"(pid {holder.pid})" in err.getvalue() and "waiting for" in err.getvalue()
     assert (tmp_path / STORAGE_LOCK).exists()
+
+
+# --- a diverging token stops the command, in one line ---------------------------------------------
+
+def test_a_diverging_token_stops_the_run_with_one_line_and_no_images(tmp_path):
+    from di_assets_tests.conftest import copy_classes
+
+    copy_classes(tmp_path / "data", per_class=2)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("dataset: data\nstorage: store\nshifts: [base]\ntextual_inversion: {steps: 12, learning_rate: 1.0e+6}\n"
+                   "generation: {num_samples: 1}\nclassifiers: []\n")
+    p = di("run", "--config", str(cfg), check=False)
+    assert p.returncode != 0, p.stdout
+    error = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "class_token failed" in error[0] and "diverged at step" in error[0], p.stderr
+    assert "learning_rate" in error[0] and "Traceback" not in p.stderr
+    assert not list((tmp_path / "store").glob("tokens/*/learned_embeds.safetensors"))  # no token shipped
+    assert not (tmp_path / "store" / "images").exists() and not (tmp_path / "store" / "encoder_root").exists()

@@ -56,7 +56,8 @@ def test_every_run_succeeded_and_checks_passed(flow):
     _, runs, _, _ = flow
     assert all(r.success for r in runs)
     evaluations = [e for r in runs for e in r.get_asset_check_evaluations()]
-    assert len(evaluations) == 2 + 4 + 4  # tokens, counterfactual partitions, score partitions
+    # tokens, the encoder root, counterfactual partitions, score partitions, scores_db: one result each
+    assert len(evaluations) == 2 + 1 + 4 + 4 + 1
     assert all(e.passed for e in evaluations)
 
 

@@ -12,25 +12,20 @@ from .class_images import (
     build_observe_schedule,
     class_folders_sensor,
     class_images,
+    images_check,
     observe_class_images,
 )
-from .class_token import build_class_token
-from .clip_scores import build_clip_scores
-from .counterfactuals import build_counterfactuals
+from .class_token import build_class_token, build_token_check
+from .clip_scores import build_clip_scores, build_range_check
+from .counterfactuals import build_count_check, build_counterfactuals
 from .diagnosis import build_diagnosis
-from .encoder_root import build_encoder_root
+from .encoder_root import build_encoder_root, build_root_check
 from .executors import build_executor
 from .partitions import CLASSES, class_shift_partitions
 from .predictions import build_predictions, build_real_predictions
-from .resources import (
-    GenerationParams,
-    InterfaceParams,
-    ModelResource,
-    ScoringParams,
-    StorageResource,
-    TextualInversionParams,
-)
-from .scores_db import build_scores_db
+from .progress import LOGGERS
+from .resources import InterfaceParams, ModelResource, StorageResource
+from .scores_db import build_rows_check, build_scores_db
 from .versions import classifier_version, code_versions
 
 
@@ -39,11 +34,8 @@ def build_resources(settings: Settings) -> dict:
     return {
         "storage": storage,
         "models": ModelResource(**settings.models),
-        "params": InterfaceParams(
-            textual_inversion=TextualInversionParams(**settings.textual_inversion),
-            generation=GenerationParams(**settings.generation),
-            scoring=ScoringParams(**settings.scoring),
-        ),
+        # every unset hyperparameter at its family default, so that the launchpad shows the values in use
+        "params": InterfaceParams.for_settings(settings),
         "duckdb": DuckDBResource(database=str(storage.scores_db)),
     }
 
@@ -59,10 +51,18 @@ def build_assets(settings: Settings) -> list:
         build_counterfactuals(shifts, grid, versions["counterfactuals"]),
         build_clip_scores(shifts, grid, versions["clip_scores"]),
         build_scores_db(settings.baseline),
+        # The asset checks (each reads its asset's files; it runs after its asset, or alone from the UI)
+        images_check,
+        build_token_check(),
+        build_root_check(),
+        build_count_check(grid),
+        build_range_check(grid),
+        build_rows_check([s.key for s in shifts]),
     ]
     if settings.baseline:  # the paper's class-name baseline, to compare with the tokens shift by shift
         assets += [build_counterfactuals(shifts, grid, versions["counterfactuals"], baseline=True),
-                   build_clip_scores(shifts, grid, versions["clip_scores"], baseline=True)]
+                   build_clip_scores(shifts, grid, versions["clip_scores"], baseline=True),
+                   build_count_check(grid, baseline=True), build_range_check(grid, baseline=True)]
     classifiers = settings.classifier_specs()
     for spec in classifiers:
         assets += [build_predictions(spec, grid, classifier_version(spec)),
@@ -82,6 +82,7 @@ def build_defs(settings: Settings | None = None) -> dg.Definitions:
         resources=build_resources(settings),
         # In-process by default (models load once per run); $DI_ASSETS_EXECUTOR picks multiprocess or k8s.
         executor=build_executor(),
+        loggers=LOGGERS,  # Dagster's console logger, and the command line's bar and log file
     )
 
 

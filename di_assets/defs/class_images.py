@@ -4,11 +4,14 @@ import json
 
 import dagster as dg
 
+from .checks import emit, evaluation, failed_summary, name_list, partitioned_checks, run_partition_keys
 from .partitions import CLASSES
 from .resources import StorageResource
 
 REMOVED = "removed"  # the data version of a class folder that is gone
 LIFE = "~"  # "<content hash>~<n>": the data version of a class folder that came back after it was removed
+CLASS_IMAGES = dg.AssetKey("class_images")
+IMAGES_CHECK = "has_a_readable_image"
 
 
 @dg.observable_source_asset(
@@ -20,11 +23,52 @@ LIFE = "~"  # "<content hash>~<n>": the data version of a class folder that came
 def class_images(context, storage: StorageResource) -> dg.DataVersionsByPartition:
     classes = storage.classes()
     known = context.instance.get_dynamic_partitions(CLASSES.name)
+    checked = {}
     for key in known:
         if key in classes:
             # each class's own record: its data version (the content hash) and what the folder holds
-            context.log_event(folder_observation(key, classes[key], context.instance))
+            observation = folder_observation(key, classes[key], context.instance)
+            context.log_event(observation)
+            checked[key] = images_check_result(classes[key].path, observation.metadata["images"].value)
+    # IMAGES_CHECK of every observed class, from the count the observation just made (this job leaves
+    # the check itself out: it is partitioned, and the observation is not)
+    failed = [k for k, (ok, _) in checked.items() if not ok]
+    for key, (ok, meta) in checked.items():
+        context.log_event(evaluation(None, CLASS_IMAGES, IMAGES_CHECK, ok,
+                                     {**meta, **({} if ok else failed_summary(failed, len(checked)))}, partition=key))
+    if failed:
+        context.log.warning(f"{IMAGES_CHECK} failed for {len(failed)} of {len(checked)} classes: {name_list(failed)}")
     return dg.DataVersionsByPartition({})
+
+
+def images_check_result(path, readable: int | None = None) -> tuple[bool, dict]:
+    """IMAGES_CHECK of a class folder: at least one image that loads as the training loads it.
+
+    `readable`: the count an observation just made (`describe_folder`); without it, the folder is
+    read up to its first readable image.
+    """
+    from di_assets.ml.io import load_class_images
+
+    meta = {"folder": dg.MetadataValue.path(str(path))}
+    if readable is not None:
+        return readable > 0, {**meta, "readable_images": readable,
+                              **({} if readable else {"reason": "no readable image"})}
+    try:
+        files, _ = load_class_images(path, with_files=True, limit=1)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        return False, {**meta, "reason": str(exc).strip().splitlines()[0]}
+    return True, {**meta, "first_readable": files[0].name}
+
+
+with partitioned_checks():
+    @dg.asset_check(asset=CLASS_IMAGES, name=IMAGES_CHECK, partitions_def=CLASSES,
+                    description="The class folder holds at least one image that loads (as the training loads it)")
+    def images_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
+        classes = storage.classes()
+        results = {key: images_check_result(classes[key].path) if key in classes else
+                   (False, {"reason": f"no folder {key!r} in {storage.dataset}"})
+                   for key in run_partition_keys(context, CLASSES)}
+        yield from emit(context, CLASS_IMAGES, IMAGES_CHECK, results)
 
 
 def folder_observation(key: str, folder, instance: dg.DagsterInstance | None = None, *,
@@ -68,7 +112,8 @@ def removed_observation(key: str) -> dg.AssetObservation:
 
 
 observe_class_images = dg.define_asset_job(
-    "observe_class_images", selection=dg.AssetSelection.assets("class_images"),
+    # without the (partitioned) check: the observation reports it for every class (see class_images)
+    "observe_class_images", selection=dg.AssetSelection.assets("class_images").without_checks(),
     description="Observe the class folders: records each folder's content hash as its data version.",
 )
 

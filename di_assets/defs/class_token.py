@@ -1,16 +1,17 @@
 """class_token: textual inversion of one class's token (partitioned by class)."""
 
-import math
-
 import dagster as dg
 
+from .checks import emit, partitioned_checks, run_partition_keys
 from .class_images import class_images
 from .executors import gpu_tags
 from .metadata import loss_curve_markdown
 from .partitions import CLASSES, OWNERS
 from .resources import InterfaceParams, ModelResource, StorageResource
 
+CLASS_TOKEN = dg.AssetKey("class_token")
 TOKEN_CHECK = "token_is_finite_with_sane_norm"
+NORM_LIMIT = 20  # a sane token: no larger than 20x the vocabulary's largest word
 
 
 def build_class_token(code_version: str) -> dg.AssetsDefinition:
@@ -27,9 +28,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         automation_condition=dg.AutomationCondition.eager(),
         # A backfill of many classes is one run: the models load once for all of them.
         backfill_policy=dg.BackfillPolicy.single_run(),
-        # Blocking: a token that fails the check stops downstream assets in the same run.
-        check_specs=[dg.AssetCheckSpec(TOKEN_CHECK, asset="class_token", blocking=True,
-                                       description="Every learned vector is finite, its norm within 20x the vocabulary's largest word's")],
+        # Its check (TOKEN_CHECK, below) runs after it in the same run, one result per class.
         description="One learned token per class (textual inversion): `tokens/<class>/learned_embeds.safetensors`",
     )
     def class_token(
@@ -59,12 +58,9 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                         context.log.debug(f"class_token {key}: traceback", exc_info=exc)
                     continue
                 norm = float(r.embeds.norm(dim=-1).max())
-                # sane: no larger than 20x the largest word of the vocabulary (an unpinned tiny
-                # token ends near 10x; a diverging one runs far past that)
-                ok = bool(r.embeds.isfinite().all()) and 0 < norm <= 20 * r.vocab_norm
                 tail = r.losses[-max(1, len(r.losses) // 10):]
                 rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
-                             "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm, "ok": ok})
+                             "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm})
                 curves[folder.token] = r.losses
         raise_for_failures(failures, len(context.partition_keys))
         metadata = {
@@ -76,15 +72,55 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         }
         if len(rows) == 1:
             metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_key) / "learned_embeds.safetensors"))
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[dg.AssetCheckResult(
-                check_name=TOKEN_CHECK, passed=all(r["ok"] for r in rows),
-                metadata={"max_norm": max(r["norm"] if math.isfinite(r["norm"]) else -1.0 for r in rows)},
-            )],
-        )
+        return dg.MaterializeResult(metadata=metadata)
 
     return class_token
+
+
+def token_check_results(storage: StorageResource, spec, keys: list[str]) -> dict:
+    """TOKEN_CHECK of each class, from its token file: {class: (passed, metadata)}.
+
+    Sane: every vector finite, and the largest no larger than NORM_LIMIT x the largest word of the
+    base vocabulary (an unpinned tiny token ends near 10x; a diverging one runs far past that).
+    """
+    from di_assets.ml.models import load_base_text_encoder
+    from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
+
+    _, text_encoder = load_base_text_encoder(spec)  # loaded once per process (shared with the training)
+    vocab = float(text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).max())
+    limit = NORM_LIMIT * vocab
+    out = {}
+    for key in keys:
+        path = storage.token_dir(key) / EMBEDS_FILE
+        meta = {"path": dg.MetadataValue.path(str(path)), "norm_limit": limit}
+        if not path.is_file():
+            out[key] = (False, {**meta, "reason": "no token file: materialize class_token for this class"})
+            continue
+        try:
+            token, embeds = load_learned_embeds(path)  # refuses non-finite values
+        except Exception as exc:  # noqa: BLE001 - an unreadable file fails the check; it is no crash of the check
+            out[key] = (False, {**meta, "reason": _one_line(exc)})
+            continue
+        norm = float(embeds.norm(dim=-1).max())
+        ok = 0 < norm <= limit
+        out[key] = (ok, {**meta, "token": token, "norm": norm, "norm_over_vocabulary": norm / vocab,
+                         **({} if ok else {"reason": f"norm {norm:.4g} is not in (0, {limit:.4g}] "
+                                                     f"({NORM_LIMIT}x the vocabulary's largest word)"})})
+    return out
+
+
+def build_token_check() -> dg.AssetChecksDefinition:
+    """TOKEN_CHECK, per class and blocking: a failed class stops its own counterfactuals (their
+    automation condition waits for it to pass, and the asset refuses it), no other class's."""
+    with partitioned_checks():
+        @dg.asset_check(asset=CLASS_TOKEN, name=TOKEN_CHECK, blocking=True, partitions_def=CLASSES,
+                        description=f"Every learned vector is finite, its norm within {NORM_LIMIT}x the "
+                                    "vocabulary's largest word's (read from the token file)")
+        def token_check(context: dg.AssetCheckExecutionContext, storage: StorageResource, models: ModelResource):
+            results = token_check_results(storage, models.spec(), run_partition_keys(context, CLASSES))
+            yield from emit(context, CLASS_TOKEN, TOKEN_CHECK, results, blocking=True)
+
+    return token_check
 
 
 # What one class of a range may raise without stopping the others: divergence (NonFiniteTokenError

@@ -4,7 +4,9 @@ import dagster as dg
 
 from di_assets.ml.shifts import Shift, class_caption
 
+from .checks import emit, partitioned_checks, run_partition_keys
 from .executors import gpu_tags
+from .progress import partition_progress
 from .metadata import table_schema
 from .partitions import OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
@@ -56,11 +58,12 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         pool="gpu",
         op_tags=gpu_tags(),  # dagster-k8s: a pod with a GPU, on GPU nodes
         kinds={"pytorch", "parquet"},
-        automation_condition=dg.AutomationCondition.eager(),
+        # and only partitions whose images passed their blocking count check, partition by partition
+        automation_condition=(dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+                              ).with_label("eager, images checked"),
         metadata={"dagster/column_schema": score_schema()},
         backfill_policy=dg.BackfillPolicy.single_run(),
-        check_specs=[dg.AssetCheckSpec(RANGE_CHECK, asset=asset_name,
-                                       description="Every similarity lies in [-1, 1], with no NaN")],
+        # Its check (RANGE_CHECK, build_range_check) runs after it in the same run, per partition.
         description=f"Scores in Hive layout: `{where}/class=<c>/shift=<s>/part.parquet`",
     )
     def clip_scores(
@@ -70,7 +73,6 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
 
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import torch
 
         from di_assets.ml.clip_metric import BASE_CAPTION, class_floor, drop_reasons, get_scorer
         from di_assets.ml.io import atomic_path, load_class_images, read_counterfactuals
@@ -84,7 +86,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
             rule = params.scoring.rule()
-            stats, all_sims, real_sim = [], [], {}
+            stats, real_sim = [], {}
             if rule.calibrated:  # what a match looks like for this model: the class's real images, once per run
                 for key in dict.fromkeys(k for k, _ in pairs):
                     if key in classes:
@@ -100,7 +102,6 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                 # text features of every caption are computed once per process (the scorer caches them)
                 sims = scorer.similarity(images, captions + [shift.caption, BASE_CAPTION])
                 class_sims, sim_shift, sim_base = sims[:, :-2], sims[:, -2], sims[:, -1]
-                all_sims.append(torch.cat([class_sims[:, own:own + 1], sims[:, -2:]], 1))
                 floor = class_floor(class_sims, own, real_sim.get(key))
                 reasons = drop_reasons(class_sims, own, class_keys, sim_shift, sim_base, shift.caption, rule, floor)
                 sim_class = class_sims[:, own].tolist()
@@ -126,8 +127,8 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                 with atomic_path(storage.scores_file(key, shift_key, baseline)) as tmp:
                     pq.write_table(table, tmp)
                 stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift.tolist()), sum(kept)))
-        sims = torch.cat(all_sims)
-        in_range = bool(sims.isfinite().all()) and bool(((sims >= -1) & (sims <= 1)).all())
+                context.log.info(f"{key} / {shift_key}: {sum(kept)}/{n} kept, mean sim_class {_mean(sim_class):.3f} "
+                                 f"{partition_progress(len(stats), len(pairs))}")
         metadata = {
             "dagster/row_count": sum(s[2] for s in stats),
             "mean_sim_class": _mean([s[3] for s in stats]),
@@ -140,10 +141,51 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         if len(stats) == 1:
             metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2], baseline)))
             metadata["shift_caption"] = by_key[stats[0][1]].caption
-        return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[dg.AssetCheckResult(check_name=RANGE_CHECK, passed=in_range,
-                                               metadata={"min": float(sims.min()), "max": float(sims.max())})],
-        )
+        return dg.MaterializeResult(metadata=metadata)
 
     return clip_scores
+
+
+SIM_COLUMNS = ["sim_class", "sim_shift", "sim_base"]
+
+
+def range_check_results(storage: StorageResource, keys: list[str], baseline: bool = False) -> dict:
+    """RANGE_CHECK of each partition (`class|shift`), from its Parquet file: {key: (passed, metadata)}."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    out = {}
+    for key in keys:
+        class_key, shift = key.split("|")
+        path = storage.scores_file(class_key, shift, baseline)
+        meta = {"path": dg.MetadataValue.path(str(path))}
+        try:
+            table = pq.read_table(path, columns=SIM_COLUMNS)
+        except (OSError, ValueError, KeyError) as exc:  # missing, unreadable, or without the columns
+            out[key] = (False, {**meta, "reason": f"cannot read {', '.join(SIM_COLUMNS)} "
+                                                  f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"})
+            continue
+        # nulls read as NaN: a missing similarity fails the check like a NaN
+        values = np.concatenate([table[c].to_numpy().astype("float64") for c in SIM_COLUMNS])
+        finite = values[np.isfinite(values)]
+        bad = int(values.size - finite.size)
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (float("nan"), float("nan"))
+        ok = table.num_rows > 0 and bad == 0 and -1 <= lo and hi <= 1
+        reason = ("no rows" if not table.num_rows else f"{bad} NaN, inf or missing values" if bad
+                  else f"values in [{lo:.4g}, {hi:.4g}]")
+        out[key] = (ok, {**meta, "rows": table.num_rows, "non_finite": bad,
+                         **({"min": lo, "max": hi} if finite.size else {}), **({} if ok else {"reason": reason})})
+    return out
+
+
+def build_range_check(partitions_def, baseline: bool = False) -> dg.AssetChecksDefinition:
+    """RANGE_CHECK, per class x shift (not blocking)."""
+    asset = dg.AssetKey("baseline_scores" if baseline else "clip_scores")
+    with partitioned_checks():
+        @dg.asset_check(asset=asset, name=RANGE_CHECK, partitions_def=partitions_def,
+                        description="Every similarity lies in [-1, 1], with no NaN (read from the Parquet file)")
+        def range_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
+            keys = run_partition_keys(context, partitions_def)
+            yield from emit(context, asset, RANGE_CHECK, range_check_results(storage, keys, baseline))
+
+    return range_check

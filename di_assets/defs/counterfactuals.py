@@ -5,7 +5,10 @@ import dagster as dg
 from di_assets.ml.io import MANIFEST
 from di_assets.ml.shifts import Shift
 
+from .checks import emit, failed_partitions, name_list, partitioned_checks, run_partition_keys
+from .class_token import TOKEN_CHECK
 from .executors import gpu_tags
+from .progress import partition_progress
 from .metadata import image_grid_markdown
 from .partitions import OWNERS, class_and_shift_keys, missing_or_changed
 from .resources import InterfaceParams, ModelResource, StorageResource
@@ -20,7 +23,9 @@ def after_class_change() -> dg.AutomationCondition:
 
     The encoder root is rebuilt whenever any class changes; that alone must not rerun every
     class, so only the partition's own class token triggers it. It waits while the token is
-    newer than the encoder root, so the images always come from a root that holds that token.
+    newer than the encoder root, so the images always come from a root that holds that token,
+    and until the class's token passed its blocking check (TOKEN_CHECK, partition by partition:
+    a class whose token failed waits, the others run).
     """
     AC = dg.AutomationCondition
     token_updated = AC.any_deps_updated().allow(dg.AssetSelection.assets(CLASS_TOKEN))
@@ -31,7 +36,8 @@ def after_class_change() -> dg.AutomationCondition:
         & ~AC.any_deps_missing()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
-    ).with_label("token changed, encoder root caught up")
+        & AC.all_deps_blocking_checks_passed()
+    ).with_label("token changed and checked, encoder root caught up")
 
 
 BASELINE = "baseline_counterfactuals"
@@ -59,8 +65,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         kinds={"pytorch", "png"},
         automation_condition=missing_or_changed(deps_updated=False) if baseline else after_class_change(),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        check_specs=[dg.AssetCheckSpec(COUNT_CHECK, asset=name,
-                                       description="Every partition holds as many images as were asked for")],
+        # Its check (COUNT_CHECK, build_count_check) runs after it in the same run, per partition.
         description=(f"Generated images: `{where}/<class>/<shift>/<seed>.png` and a `manifest.json`"
                      + (", with the class name in place of the token (the paper's baseline)" if baseline else "")),
     )
@@ -75,6 +80,8 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         from di_assets.ml.models import portable_base_model
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
+        if not baseline:  # before any work (and before it holds a GPU)
+            refuse_failed_tokens(context.instance, list(dict.fromkeys(k for k, _ in class_and_shift_keys(context))))
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             cfg = params.generation_config(spec.family)
@@ -105,7 +112,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                 if len(grid) < 24:  # a preview, not the whole backfill
                     grid.append([s.image for s in samples[:6]])
                     labels.append(f"{key} / {shift_key}")
-                context.log.info(f"{key} / {shift_key}: {n} images ({i}/{len(pairs)} partitions)")
+                context.log.info(f"{key} / {shift_key}: {n} images {partition_progress(i, len(pairs))}")
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0], baseline) if len(pairs) == 1
@@ -114,9 +121,65 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                 "num_images": sum(counts),
                 "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
             },
-            check_results=[dg.AssetCheckResult(check_name=COUNT_CHECK, passed=all(c == n for c in counts),
-                                               metadata={"expected_per_partition": n, "partitions": len(counts),
-                                                         "short_partitions": sum(c != n for c in counts)})],
         )
 
     return counterfactuals
+
+
+def refuse_failed_tokens(instance: dg.DagsterInstance, class_keys: list[str]) -> None:
+    """Fail before any work if a class's current token failed its check (TOKEN_CHECK).
+
+    Automation never asks for such a class; this stops a run launched by hand (UI, CLI). A run over
+    a range cannot leave some of its partitions out, so the whole run stops, naming the classes.
+    """
+    blocked = failed_partitions(instance, dg.AssetCheckKey(CLASS_TOKEN, TOKEN_CHECK), class_keys)
+    if blocked:
+        others = [k for k in class_keys if k not in blocked]
+        raise dg.Failure(
+            f"the token of class {name_list(blocked)} failed its blocking check {TOKEN_CHECK}; no counterfactuals "
+            "are made from it. Retrain the token (materialize class_token for the class) or fix it and execute "
+            "the check again" + (f"; run the other classes ({len(others)}) without it" if others else ""),
+            metadata={"blocked_classes": name_list(blocked), "blocked_count": len(blocked)})
+
+
+def count_check_results(storage: StorageResource, keys: list[str], expected: int, baseline: bool = False) -> dict:
+    """COUNT_CHECK of each partition (`class|shift`), from its folder: {key: (passed, metadata)}.
+
+    Passes when the manifest lists `expected` images, each of them is a non-empty file in the
+    folder, and the folder holds no other PNG.
+    """
+    import json
+
+    out = {}
+    for key in keys:
+        class_key, shift = key.split("|")
+        folder = storage.images_dir(class_key, shift, baseline)
+        meta = {"path": dg.MetadataValue.path(str(folder)), "expected": expected}
+        try:
+            listed = [r["file"] for r in json.loads((folder / MANIFEST).read_text())["images"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = "no image folder" if not folder.is_dir() else f"unreadable {MANIFEST} ({exc.__class__.__name__})"
+            out[key] = (False, {**meta, "reason": why})
+            continue
+        present = sum(1 for f in listed if (folder / f).is_file() and (folder / f).stat().st_size > 0)
+        pngs = sum(1 for _ in folder.glob("*.png"))
+        ok = len(listed) == present == pngs == expected
+        out[key] = (ok, {**meta, "listed": len(listed), "present": present, "png_files": pngs,
+                         **({} if ok else {"reason": f"{MANIFEST} lists {len(listed)} images, {present} of them "
+                                                     f"present, {pngs} PNG files; expected {expected}"})})
+    return out
+
+
+def build_count_check(partitions_def, baseline: bool = False) -> dg.AssetChecksDefinition:
+    """COUNT_CHECK, per class x shift and blocking (the partition's scores wait for it)."""
+    asset = dg.AssetKey(BASELINE if baseline else "counterfactuals")
+    with partitioned_checks():
+        @dg.asset_check(asset=asset, name=COUNT_CHECK, blocking=True, partitions_def=partitions_def,
+                        description="Every partition holds as many images as were asked for, each listed in "
+                                    "its manifest (read from the image folder)")
+        def count_check(context: dg.AssetCheckExecutionContext, storage: StorageResource, params: InterfaceParams):
+            keys = run_partition_keys(context, partitions_def)
+            yield from emit(context, asset, COUNT_CHECK,
+                            count_check_results(storage, keys, params.generation.num_samples, baseline), blocking=True)
+
+    return count_check

@@ -29,8 +29,9 @@ def asset_order(defs: dg.Definitions) -> list[str]:
 
 
 class LocalDriver:
-    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, run_config: dict | None = None):
-        self.defs, self.instance, self.run_config = defs, instance, run_config
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, run_config: dict | None = None,
+                 tags: dict | None = None):
+        self.defs, self.instance, self.run_config, self.tags = defs, instance, run_config, tags or {}
         self.job = defs.resolve_implicit_global_asset_job_def()
         self.cursor = None
         self.runs = 0
@@ -57,11 +58,11 @@ class LocalDriver:
     def observe(self) -> None:
         """What the schedule runs: record each class folder's content hash."""
         self.defs.resolve_job_def("observe_class_images").execute_in_process(
-            instance=self.instance, run_config=self.run_config, tags=run_tags())
+            instance=self.instance, run_config=self.run_config, tags={**run_tags(), **self.tags})
 
     def materialize(self, selection: list[str], partition_key=None, tags=None):
         res = self.job.execute_in_process(instance=self.instance, partition_key=partition_key,
-                                          tags={**run_tags(), **(tags or {})},
+                                          tags={**run_tags(), **self.tags, **(tags or {})},
                                           run_config=self.run_config,
                                           asset_selection=[dg.AssetKey.from_user_string(s) for s in selection])
         self.runs += 1

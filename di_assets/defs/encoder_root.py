@@ -2,8 +2,12 @@
 
 import dagster as dg
 
+from .checks import emit, failed_summary, name_list
 from .partitions import CLASSES, OWNERS
 from .resources import ModelResource, StorageResource
+
+ENCODER_ROOT = dg.AssetKey("encoder_root")
+ROOT_CHECK = "holds_every_current_token"
 
 
 def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
@@ -48,3 +52,51 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
         )
 
     return encoder_root
+
+
+def root_check_result(storage: StorageResource, known: list[str]) -> tuple[bool, dict]:
+    """ROOT_CHECK from the files: the root's `tokens.json` holds exactly the classes that have a token
+    (of the known classes with a folder, as encoder_root takes them), each with its token file's digest."""
+    from di_assets.ml.encoder_root import class_tokens, embeds_digest
+    from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
+
+    on_disk = storage.classes()
+    expected, unreadable = {}, []
+    for key in sorted(k for k in known if k in on_disk):
+        path = storage.token_dir(key) / EMBEDS_FILE
+        if not path.is_file():
+            continue  # no token yet: not in the root either (encoder_root waits for it)
+        try:
+            expected[key] = embeds_digest(load_learned_embeds(path)[1])
+        except Exception:  # noqa: BLE001 - an unreadable token file fails the check, with its class named
+            unreadable.append(key)
+    meta = {"path": dg.MetadataValue.path(str(storage.encoder_root)), "classes_with_token": len(expected)}
+    try:
+        held = {ct.key: ct.embeds_sha for ct in class_tokens(storage.encoder_root)}
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return False, {**meta, **failed_summary(sorted(expected), len(expected)),
+                       "reason": f"no readable encoder root ({exc.__class__.__name__})"}
+    missing = sorted(expected.keys() - held.keys())
+    extra = sorted(held.keys() - expected.keys() - set(unreadable))
+    stale = sorted(k for k in expected.keys() & held.keys() if held[k] != expected[k])
+    failed = sorted({*missing, *extra, *stale, *unreadable})
+    meta.update(classes_in_root=len(held), stale=name_list(stale) or "none", missing=name_list(missing) or "none",
+                extra=name_list(extra) or "none", **failed_summary(failed, len(expected)))
+    if unreadable:
+        meta["unreadable_token"] = name_list(unreadable)
+    return not failed, meta
+
+
+def build_root_check() -> dg.AssetChecksDefinition:
+    """ROOT_CHECK: compares digests only (no model load). Not blocking: counterfactuals already
+    refuse a class whose token the root does not hold, class by class."""
+
+    @dg.asset_check(asset=ENCODER_ROOT, name=ROOT_CHECK,
+                    description="tokens.json holds exactly the classes that have a token, each with the digest "
+                                "of its current token file (stale: an older token; missing; extra: a class "
+                                "that has no token any more)")
+    def root_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
+        known = context.instance.get_dynamic_partitions(CLASSES.name)
+        yield from emit(context, ENCODER_ROOT, ROOT_CHECK, {None: root_check_result(storage, known)})
+
+    return root_check

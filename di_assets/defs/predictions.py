@@ -12,6 +12,7 @@ import dagster as dg
 
 from .class_images import class_images
 from .executors import gpu_tags
+from .progress import partition_progress
 from .metadata import table_schema
 from .partitions import CLASSES, OWNERS, class_and_shift_keys, missing_or_changed
 from .resources import ModelResource, StorageResource
@@ -99,7 +100,7 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
                 kept_total += sum(kept)
                 kept_correct += sum(c and k for c, k in zip(right, kept))
                 context.log.info(f"{spec.name}: {key} / {shift}: {sum(right)}/{table.num_rows} correct "
-                                 f"({i}/{len(pairs)} partitions)")
+                                 f"{partition_progress(i, len(pairs))}")
         return dg.MaterializeResult(metadata={
             "dagster/row_count": total,
             "accuracy": correct / total if total else float("nan"),

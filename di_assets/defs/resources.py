@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import dagster as dg
 from pydantic import ConfigDict, Field
 
 from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe
+
+if TYPE_CHECKING:
+    from di_assets.settings import Settings
 
 
 BASELINE_DIR = "baseline"  # the class-name baseline's images and scores, in the same layout
@@ -173,6 +176,11 @@ class TextualInversionParams(dg.Config):
     checkpoint_every: Optional[int] = _ti("checkpoint_every", "Steps between checkpoints (a rerun resumes)",
                                            **POSITIVE)
 
+    def resolved(self, family: str) -> "TextualInversionParams":
+        """Every unset field holds `family`'s default: what `ti_config(family)` uses (`resolution`'s
+        default is None, the model's native size, which only the loaded model knows)."""
+        return _resolved(self, TEXTUAL_INVERSION, family)
+
 
 class GenerationParams(dg.Config):
     model_config = FORBID_EXTRA
@@ -187,6 +195,22 @@ class GenerationParams(dg.Config):
     resolution: Optional[int] = _gen("resolution", "Image size", **IMAGE_SIZE)
     negative_prompt: Optional[str] = _gen("negative_prompt", "Negative prompt")
     batch_size: Optional[int] = _gen("batch_size", "Images per pipeline call", **POSITIVE)
+
+    def resolved(self, family: str) -> "GenerationParams":
+        """Every unset field holds `family`'s default: what `generation_config(family)` uses."""
+        return _resolved(self, GENERATION, family)
+
+
+def defaults_row(family: str) -> str:
+    """The row of ml/defaults.py's tables that a family uses, as `for_family` picks it."""
+    return "sd" if family == "sd" else "tiny"
+
+
+def _resolved(config, table: dict, family: str):
+    """`config` with each unset (None) field set to the family's default in `table`; set fields stay."""
+    defaults = table[defaults_row(family)]
+    values = config.model_dump()
+    return type(config)(**{k: defaults[k] if v is None and k in defaults else v for k, v in values.items()})
 
 
 class ScoringParams(dg.Config):
@@ -214,20 +238,70 @@ class ScoringParams(dg.Config):
 
 
 class InterfaceParams(dg.ConfigurableResource):
-    """Hyperparameters of the three stages; unset fields take the model family's defaults."""
+    """Hyperparameters of the three stages; unset fields take the model family's defaults.
+
+    `for_settings` (what the code location uses) fills them in, so the launchpad and the resource's
+    page show the value every setting will have."""
 
     textual_inversion: TextualInversionParams = TextualInversionParams()
     generation: GenerationParams = GenerationParams()
     scoring: ScoringParams = ScoringParams()
+    resolved_for: Optional[str] = Field(default=None, **_choices("tiny", "sd"),
+                                        description="The model family whose defaults fill the settings left unset "
+                                                    "(the settings' models.family); a run on another family stops")
+
+    @classmethod
+    def for_settings(cls, settings: "Settings") -> "InterfaceParams":
+        """The settings' hyperparameters, every unset one set to its default for `models.family`."""
+        family = settings.models.get("family", "tiny")
+        return cls(textual_inversion=TextualInversionParams(**settings.textual_inversion).resolved(family),
+                   generation=GenerationParams(**settings.generation).resolved(family),
+                   scoring=ScoringParams(**settings.scoring), resolved_for=family)
+
+    def _check_family(self, family: str) -> None:
+        if self.resolved_for is not None and defaults_row(family) != defaults_row(self.resolved_for):
+            raise ValueError(f"params hold the {self.resolved_for!r} family's defaults (the settings' models.family), "
+                             f"but the models are {family!r}: set models.family in the settings file, not in the "
+                             f"run's config")
 
     def ti_config(self, family: str):
         from di_assets.ml.textual_inversion import TextualInversionConfig
 
+        self._check_family(family)
         return TextualInversionConfig.for_family(family, **self.textual_inversion.model_dump())
 
     def generation_config(self, family: str):
         from di_assets.ml.generate import GenerationConfig
 
+        self._check_family(family)
         g = self.generation.model_dump()
         g.pop("num_samples"), g.pop("seed")
         return GenerationConfig.for_family(family, **g)
+
+
+def resolved_settings(settings: "Settings") -> dict:
+    """Every setting a run uses, defaults filled in for the model family, as JSON-ready values: for the
+    run's record (e.g. a run tag `json.dumps(resolved_settings(settings), sort_keys=True)`).
+
+    Model names left unset (`diffusion`, `clip_model`, ...) stay None: the model loaders pick them
+    (see ml.models). Loads no model and imports no torch."""
+    from dataclasses import asdict
+
+    from di_assets.ml.shifts import select_shifts
+
+    params = InterfaceParams.for_settings(settings)
+    models = ModelResource(**settings.models)
+    return {
+        "source": settings.source,
+        "dataset": settings.dataset,
+        "storage": settings.storage,
+        "models": {k: getattr(models, k) for k in ModelResource.model_fields},
+        "shifts": [s.key for s in select_shifts(settings.shifts)],
+        "textual_inversion": params.textual_inversion.model_dump(),
+        "generation": params.generation.model_dump(),
+        "scoring": params.scoring.model_dump(),
+        "classifiers": [asdict(spec) for spec in settings.classifier_specs()],
+        "baseline": settings.baseline,
+        "observe_cron": settings.observe_cron,
+        "removed_classes": settings.removed_classes,
+    }

@@ -3,11 +3,15 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from .checks import emit, failed_summary, name_list
 from .clip_scores import score_schema
 from .metadata import table_schema
-from .partitions import OWNERS
+from .partitions import CLASSES, OWNERS
 from .resources import StorageResource
 from .versions import SCORES_DB_CODE
+
+SCORES_DB = dg.AssetKey("scores_db")
+ROWS_CHECK = "rows_match_score_files"
 
 VIEWS = {
     # One row per image; `class` and `shift` also come from the Hive folder names.
@@ -102,3 +106,60 @@ def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
         })
 
     return scores_db
+
+
+def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
+                      shift_keys: list[str]) -> tuple[bool, dict]:
+    """ROWS_CHECK: the `scores` view counts as many rows as the Parquet files of the materialized
+    clip_scores partitions hold (by their metadata: no file is read whole), with no file missing and
+    no file of another partition in the view."""
+    from pathlib import Path
+
+    import duckdb
+    import pyarrow.parquet as pq
+
+    classes, shifts = set(instance.get_dynamic_partitions(CLASSES.name)), set(shift_keys)
+    expected = {k for k in instance.get_materialized_partitions(dg.AssetKey("clip_scores"))
+                if k.count("|") == 1 and k.split("|")[0] in classes and k.split("|")[1] in shifts}
+    files = {}  # what the view reads (its glob), by partition
+    for path in sorted(Path(storage.root).glob("scores/*/*/*.parquet")):
+        files.setdefault(f"{path.parent.parent.name.removeprefix('class=')}|{path.parent.name.removeprefix('shift=')}",
+                         []).append(path)
+    missing, extra = sorted(expected - files.keys()), sorted(files.keys() - expected)
+    file_rows, unreadable = 0, []
+    for key, paths in files.items():
+        try:
+            file_rows += sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+        except Exception:  # noqa: BLE001 - a corrupt file fails the check, with its partition named
+            unreadable.append(key)
+    meta = {"path": dg.MetadataValue.path(str(storage.scores_db)), "partitions": len(expected),
+            "file_rows": file_rows, "missing": name_list(missing) or "none", "extra": name_list(extra) or "none",
+            **({"unreadable": name_list(unreadable)} if unreadable else {})}
+    try:
+        con = duckdb.connect(str(storage.scores_db), read_only=True)
+        try:
+            db_rows = con.execute("SELECT count(*) FROM scores").fetchone()[0]  # from the Parquet metadata
+        finally:
+            con.close()
+    except (duckdb.Error, OSError) as exc:  # no database, no view, or a file the view cannot read
+        return False, {**meta, **failed_summary(sorted({*missing, *extra, *unreadable}), len(expected)),
+                       "reason": f"cannot count the scores view: {str(exc).splitlines()[0][:200]}"}
+    meta["db_rows"] = db_rows
+    failed = sorted({*missing, *extra, *unreadable})
+    ok = not failed and db_rows == file_rows
+    if not ok:
+        meta["reason"] = (f"{len(missing)} partitions have no score file, {len(extra)} score files belong to no "
+                          f"materialized partition, {len(unreadable)} are unreadable" if failed
+                          else f"the view counts {db_rows} rows, the files {file_rows}")
+    return ok, {**meta, **failed_summary(failed, len(expected))}
+
+
+def build_rows_check(shift_keys: list[str]) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=SCORES_DB, name=ROWS_CHECK,
+                    description="The `scores` view counts as many rows as the score files of the materialized "
+                                "clip_scores partitions (Parquet metadata), with no file missing and none extra")
+    def rows_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
+        yield from emit(context, SCORES_DB, ROWS_CHECK,
+                        {None: rows_check_result(storage, context.instance, shift_keys)})
+
+    return rows_check
