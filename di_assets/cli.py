@@ -165,7 +165,7 @@ def cmd_run(args) -> int:
     print(f"  encoder root  {storage / 'encoder_root'}")
     print(f"  images        {storage / 'images'}/<class>/<shift>/<seed>.png")
     print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
-    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores"
+    print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores, dropped"
           + (", predictions, accuracy, shift_failures, class_failures, real_vs_base)" if classifiers else ")"))
     print(f"  picture       {_write_contact_sheet(storage, classes, shifts)} (first image of each class and shift)")
     if classifiers:

@@ -267,3 +267,41 @@ def test_score_tables_for_the_ui(flow):
     assert all(r.data["classes"] == 2 and r.data["images"] == 2 * N for r in per_shift.records)
     assert [c.name for c in per_shift.schema.columns][:3] == ["shift", "classes", "images"]
     assert len(record.metadata["weakest_class_shift_pairs"].value.records) == 4
+
+
+def test_dropped_images_and_score_charts_for_the_ui(flow):
+    """The `dropped` view lists exactly the images the filter dropped; the UI shows them with their
+    numbers, the per-shift score chart, and the loss chart (with axes: a matplotlib figure)."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    settings, _, _, instance = flow
+    con = duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True)
+    dropped = con.execute("SELECT class_key, shift, seed, drop_reason FROM dropped ORDER BY ALL").fetchall()
+    expected = con.execute("SELECT class_key, shift, seed, drop_reason FROM scores WHERE NOT kept ORDER BY ALL").fetchall()
+    assert dropped == expected and all(r[3] for r in dropped)
+    db = instance.get_latest_materialization_event(dg.AssetKey("scores_db")).asset_materialization
+    assert db.metadata["dropped_images"].value == len(dropped)
+
+    def pngs(markdown):
+        return [Image.open(io.BytesIO(base64.b64decode(m))) for m in re.findall(r"base64,([A-Za-z0-9+/=]+)\)", markdown)]
+
+    (chart,) = pngs(db.metadata["scores_per_shift"].value)
+    assert chart.width > 600 and chart.height > 400  # a two-panel figure, not a sparkline
+    (loss,) = pngs(instance.get_latest_materialization_event(dg.AssetKey("class_token"))
+                   .asset_materialization.metadata["loss_curve"].value)
+    assert loss.width > 500
+    # each clip_scores run shows its own dropped images, captioned with the partition, scores and reason
+    for rec in instance.fetch_materializations(dg.AssetKey("clip_scores"), limit=10).records:
+        m = rec.asset_materialization
+        text = m.metadata["dropped_images"].value
+        class_key, shift = m.partition.split("|") if "|" in m.partition else (None, None)
+        mine = [r for r in dropped if f"{r[0]}|{r[1]}" == m.partition or (r[0], r[1]) == (class_key, shift)]
+        if not mine:
+            assert text == "none dropped"
+        else:
+            assert text.startswith(f"{len(mine)} dropped") and len(pngs(text)) == len(mine)
+            assert all(f"seed {r[2]}" in text for r in mine) and "sim_class" in text

@@ -50,7 +50,7 @@ def build_assets(settings: Settings) -> list:
         build_encoder_root(versions["encoder_root"]),
         build_counterfactuals(shifts, grid, versions["counterfactuals"]),
         build_clip_scores(shifts, grid, versions["clip_scores"]),
-        build_scores_db(settings.baseline),
+        build_scores_db(settings.baseline, [s.key for s in shifts]),
         # The asset checks (each reads its asset's files; it runs after its asset, or alone from the UI)
         images_check,
         build_token_check(),

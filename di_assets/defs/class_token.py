@@ -5,7 +5,7 @@ import dagster as dg
 from .checks import emit, partitioned_checks, run_partition_keys
 from .class_images import class_images
 from .executors import gpu_tags
-from .metadata import loss_curve_markdown
+from .metadata import png_markdown
 from .partitions import CLASSES, OWNERS
 from .resources import InterfaceParams, ModelResource, StorageResource
 
@@ -34,6 +34,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
     def class_token(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
+        from di_assets.ml.report import loss_chart
         from di_assets.ml.textual_inversion import NonFiniteTokenError, run_textual_inversion
 
         # On a machine with several GPUs, this step holds one of them until it ends.
@@ -68,7 +69,10 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
             "final_loss": sum(r["final_loss"] for r in rows) / len(rows),
             "steps": cfg.steps,
             "tokens": dg.MetadataValue.md(_table(rows)),
-            "loss_curve": dg.MetadataValue.md("\n\n".join(f"**{t}**\n\n{loss_curve_markdown(c)}" for t, c in curves.items())),
+            # one chart with axes and a legend of the tokens (with their eval loss before -> after)
+            "loss_curve": dg.MetadataValue.md(png_markdown(
+                loss_chart(curves, {r["token"]: (r["eval_before"], r["eval_after"]) for r in rows}),
+                "textual inversion loss per step")),
         }
         if len(rows) == 1:
             metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_key) / "learned_embeds.safetensors"))

@@ -7,7 +7,7 @@ from di_assets.ml.shifts import Shift, class_caption
 from .checks import emit, partitioned_checks, run_partition_keys
 from .executors import gpu_tags
 from .progress import partition_progress
-from .metadata import table_schema
+from .metadata import captioned_strip_markdown, table_schema
 from .partitions import OWNERS, class_and_shift_keys
 from .resources import InterfaceParams, ModelResource, StorageResource
 
@@ -86,7 +86,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
             rule = params.scoring.rule()
-            stats, real_sim = [], {}
+            stats, real_sim, dropped = [], {}, []
             if rule.calibrated:  # what a match looks like for this model: the class's real images, once per run
                 for key in dict.fromkeys(k for k, _ in pairs):
                     if key in classes:
@@ -127,6 +127,10 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                 with atomic_path(storage.scores_file(key, shift_key, baseline)) as tmp:
                     pq.write_table(table, tmp)
                 stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift.tolist()), sum(kept)))
+                for img, rec, c, h, why in zip(images, manifest["images"], sim_class, sim_shift.tolist(), reasons):
+                    if why is not None and len(dropped) < DROPPED_PREVIEW:  # a few, with their numbers and reason
+                        dropped.append((img, f"{key}/{shift_key} seed {rec['seed']}: sim_class {c:.3f}, "
+                                             f"sim_shift {h:.3f}; {why}"))
                 context.log.info(f"{key} / {shift_key}: {sum(kept)}/{n} kept, mean sim_class {_mean(sim_class):.3f} "
                                  f"{partition_progress(len(stats), len(pairs))}")
         metadata = {
@@ -137,6 +141,11 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
             "partitions": dg.MetadataValue.md(
                 "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
                     f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
+            # the images the CLIP filter dropped (the first few), with their scores and reason; all of them
+            # are in the `dropped` view of scores.duckdb
+            "dropped_images": dg.MetadataValue.md(
+                f"{sum(s[2] - s[5] for s in stats)} dropped; the first {len(dropped)}:\n\n"
+                + captioned_strip_markdown(dropped) if dropped else "none dropped"),
         }
         if len(stats) == 1:
             metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2], baseline)))
@@ -147,6 +156,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
 
 
 SIM_COLUMNS = ["sim_class", "sim_shift", "sim_base"]
+DROPPED_PREVIEW = 8  # dropped images shown in a run's record
 
 
 def range_check_results(storage: StorageResource, keys: list[str], baseline: bool = False) -> dict:

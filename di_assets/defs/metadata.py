@@ -25,28 +25,6 @@ def image_grid_markdown(rows, row_labels, col_labels, size: int = 96) -> str:
     return "\n".join(lines)
 
 
-def loss_curve_markdown(losses: list[float], width: int = 320, height: int = 120) -> str:
-    """The training loss (and its running mean) drawn as a small PNG."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), "white")
-    if len(losses) >= 2:
-        draw = ImageDraw.Draw(img)
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
-        k = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-
-        def pts(ys):
-            return [(4 + i * (width - 8) / (len(ys) - 1), height - 4 - (y - lo) / span * (height - 8)) for i, y in enumerate(ys)]
-
-        draw.line(pts(losses), fill=(170, 190, 230), width=1)
-        draw.line(pts(smooth), fill=(20, 60, 160), width=2)
-        draw.text((6, 4), f"max {hi:.4f}", fill="black")
-        draw.text((6, height - 16), f"min {lo:.4f}", fill="black")
-    return f"![loss curve]({_data_uri(img)})"
-
-
 def png_markdown(png: bytes, alt: str) -> str:
     """A PNG (a chart) as a Markdown image; for run-wide records only, never one per partition."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -35,7 +35,7 @@ class _Bar(logging.Handler):
         self.run_id, self.partitions = run_id, partitions
         if run_id not in self._bars:
             self._bars[run_id] = [tqdm(
-                total=partitions, desc=label, unit="partition", file=stream, leave=False, dynamic_ncols=True,
+                total=partitions, desc=label, unit="partition", file=stream, leave=False, dynamic_ncols=True, disable=None,  # no bar when stderr is no terminal
                 bar_format="  {desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} "
                            "[{elapsed}<{remaining}]{postfix}"), []]
 

@@ -5,7 +5,7 @@ from dagster_duckdb import DuckDBResource
 
 from .checks import emit, failed_summary, name_list
 from .clip_scores import score_schema
-from .metadata import table_schema
+from .metadata import png_markdown, table_schema
 from .partitions import CLASSES, OWNERS
 from .resources import StorageResource
 from .versions import SCORES_DB_CODE
@@ -21,6 +21,11 @@ VIEWS = {
                avg(sim_class) AS mean_sim_class, avg(sim_shift) AS mean_sim_shift,
                avg(kept::INTEGER) AS kept_fraction
         FROM scores GROUP BY class_key, shift ORDER BY class_key, shift""",
+    # The images the CLIP filter dropped, and why: the failed generations a diagnosis leaves out.
+    "dropped": """
+        SELECT class_key, class_name, shift, seed, image_path, sim_class, sim_shift, sim_class_floor,
+               zero_shot_class, drop_reason
+        FROM scores WHERE NOT kept ORDER BY class_key, shift, seed""",
 }
 
 
@@ -63,7 +68,7 @@ BASELINE_VIEWS = {
 }
 
 
-def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
+def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None) -> dg.AssetsDefinition:
     deps = [dg.AssetKey("clip_scores")] + ([dg.AssetKey("baseline_scores")] if baseline else [])
     views = {**VIEWS, **(BASELINE_VIEWS if baseline else {})}
 
@@ -82,6 +87,8 @@ def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
                   duckdb: DuckDBResource) -> dg.MaterializeResult:
         from pathlib import Path
 
+        from di_assets.ml.report import score_chart
+
         if not list(Path(storage.root).glob("scores/*/*/*.parquet")):
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
@@ -97,12 +104,17 @@ def build_scores_db(baseline: bool = False) -> dg.AssetsDefinition:
             total = con.execute("SELECT count(*) FROM scores").fetchone()[0]
             pairs = con.execute("SELECT count(*) FROM mean_scores").fetchone()[0]
             per_shift, worst = summary_table(con, PER_SHIFT_SQL), summary_table(con, WORST_PAIRS_SQL)
+            dropped = con.execute("SELECT count(*) FROM dropped").fetchone()[0]
+            chart = score_chart(con, shift_keys)
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(storage.scores_db)),
             "dagster/row_count": total,
             "partitions": pairs,
             "per_shift": per_shift,  # across classes, the shifts the filter keeps least first
             "weakest_class_shift_pairs": worst,
+            "dropped_images": dropped,  # the `dropped` view lists them with their reasons
+            # one run-wide chart: the score distributions and the kept share, shift by shift
+            "scores_per_shift": dg.MetadataValue.md(png_markdown(chart, "CLIP scores and kept fraction per shift")),
         })
 
     return scores_db

@@ -201,6 +201,84 @@ def accuracy_chart(con, classifier: str, shifts_order: list[str] | None = None) 
     return _png_bytes(fig)
 
 
+def score_chart(con, shifts_order: list[str] | None = None) -> bytes:
+    """PNG: per shift, the distribution of sim_class and sim_shift over every image (box plots), and
+    the share the CLIP filter kept (bars), from the `scores` view."""
+    from matplotlib.figure import Figure
+
+    rows = _rows(con, "SELECT shift, list(sim_class) AS sc, list(sim_shift) AS ss, avg(kept::INTEGER) AS kept "
+                      "FROM scores GROUP BY shift")
+    if not rows:
+        return _empty_chart("no scores yet")
+    by_shift = {r["shift"]: r for r in rows}
+    order = [s for s in (shifts_order or []) if s in by_shift] or sorted(by_shift, key=lambda s: (s != BASE, s))
+    n = len(order)
+    fig = Figure(figsize=(max(6.5, 2.0 + 0.45 * n), 6.4), dpi=DPI)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
+    xs = list(range(n))
+    for values, dx, colour, label in (("sc", -0.18, "#ff7f0e", "sim_class: image vs 'a photo of a <class>'"),
+                                      ("ss", 0.18, C_OK, "sim_shift: image vs the shift caption")):
+        box = top.boxplot([by_shift[s][values] for s in order], positions=[x + dx for x in xs], widths=0.32,
+                          patch_artist=True, showfliers=False, manage_ticks=False)
+        for patch in box["boxes"]:
+            patch.set(facecolor=colour, alpha=0.55, edgecolor=colour)
+        for part in ("medians", "whiskers", "caps"):
+            for line in box[part]:
+                line.set(color=colour)
+        box["boxes"][0].set_label(label)
+    top.set_ylabel("CLIP cosine similarity")
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    top.grid(axis="y", color="#dddddd", linewidth=0.8)
+    top.set_title("CLIP scores per shift (box: quartiles, whiskers: 1.5 IQR) and the filter's kept share", fontsize=11)
+    kept = [_num(by_shift[s]["kept"]) for s in order]
+    bottom.bar(xs, kept, color=[C_SIG if k < 0.5 else C_OK for k in kept], width=0.6)
+    for x, k in zip(xs, kept):  # the value, so that 0 reads as 0 and not as missing
+        bottom.text(x, min(k, 1.0) + 0.03, f"{k:.2f}".lstrip("0") if k < 1 else "1", ha="center", va="bottom", fontsize=7)
+    bottom.set_ylim(0, 1.15)
+    bottom.set_yticks([0, 0.5, 1.0])
+    bottom.set_ylabel("kept fraction\n(red: under half)")
+    bottom.set_xlabel("shift")
+    bottom.grid(axis="y", color="#dddddd", linewidth=0.8)
+    bottom.set_xticks(xs)
+    bottom.set_xticklabels([_mpl(s) for s in order], rotation=45 if n > 4 else 0,
+                           ha="right" if n > 4 else "center", rotation_mode="anchor", fontsize=9)
+    for ax in (top, bottom):
+        ax.set_axisbelow(True)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    return _png_bytes(fig)
+
+
+def loss_chart(curves: dict[str, list[float]], evals: dict[str, tuple[float, float]] | None = None) -> bytes:
+    """PNG: each token's training loss per step (smoothed; raw values faint), one colour per token, and
+    its fixed-batch evaluation loss before -> after training in the legend."""
+    from matplotlib.figure import Figure
+
+    if not curves:
+        return _empty_chart("no loss curves")
+    fig = Figure(figsize=(7.5, 3.8), dpi=DPI)
+    ax = fig.add_subplot()
+    for i, (token, losses) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        k = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, j - k + 1):j + 1]) / len(losses[max(0, j - k + 1):j + 1]) for j in range(len(losses))]
+        steps = list(range(1, len(losses) + 1))
+        ax.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
+        before, after = (evals or {}).get(token, (float("nan"), float("nan")))
+        label = token if math.isnan(before) else f"{token}: eval {before:.4f} → {after:.4f}"
+        ax.plot(steps, smooth, color=colour, linewidth=1.8, label=_mpl(label))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (MSE of the predicted noise)")
+    ax.set_title("textual inversion: loss per step (smoothed over ~5% of the steps)", fontsize=11)
+    ax.grid(color="#dddddd", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False,
+              title="token: fixed-batch loss before → after", title_fontsize=9)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return _png_bytes(fig)
+
+
 def heatmap_chart(con, classifier: str, shifts_order: list[str] | None = None) -> bytes:
     """PNG: class × shift accuracy on kept images; grey cells have no kept image."""
     import numpy as np
