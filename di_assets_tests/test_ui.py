@@ -269,6 +269,7 @@ class UI:
     def shot(self, name: str, crop=None) -> Path:
         """Save a screenshot; crop=(left, top, right, bottom) in CSS pixels keeps only that box."""
         path = self.dir / f"{len(self.shots) + 1:02d}-{name}.png"
+        self.dismiss_newsletter()
         self.d.save_screenshot(str(path))
         if crop:
             from PIL import Image
@@ -300,6 +301,22 @@ class UI:
                             "the Materialize button")
 
     DIALOG = "//*[@role='dialog']"
+
+    def dismiss_newsletter(self) -> None:
+        """Dagster's own "Join the Dagster community" dialog covers the page on a new instance: Skip it."""
+        skip = self.d.find_elements(self.By.XPATH, "//*[contains(normalize-space(), 'Join the Dagster community')]"
+                                                   "/ancestor::*[@role='dialog'][1]//button[normalize-space()='Skip']")
+        if skip:
+            skip[0].click()
+            self.wait(lambda: not self.d.find_elements(
+                self.By.XPATH, "//*[normalize-space(text())='Join the Dagster community']"), 10, "the dialog stays")
+
+    def close_dialog(self) -> None:
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        ActionChains(self.d).send_keys(Keys.ESCAPE).perform()
+        self.wait(lambda: not self.d.find_elements(self.By.CSS_SELECTOR, "[role='dialog']"), 10, "a dialog stays open")
 
     def pick_partition(self, key: str) -> None:
         """Open the first empty partition picker of the launch dialog and tick `key`."""
@@ -459,6 +476,58 @@ def test_materialize_from_the_ui(ui, dagster_ui):
     ui.wait_for_text("Passed", 60)
     ui.shot("counterfactuals-checks")
 
+    # 7. A blocking check, partitioned by class: class_token's, with the circle partition's result.
+    ui.open("/assets/class_token?view=checks")
+    ui.wait_for_text("token_is_finite_with_sane_norm", 60)
+    ui.wait_for_text("Passed", 60)
+    assert "Blocking" in ui.text() or "blocking" in ui.text()
+    ui.shot("class_token-blocking-check")
+
+    # 8. The scores of the one partition, then the DuckDB views over them.
+    ui.open("/assets/clip_scores")
+    ui.wait_for_text("Scores in Hive layout", 60)
+    ui.materialize_button().click()
+    ui.element(f"{ui.DIALOG}//*[contains(normalize-space(), 'Launch runs to materialize clip_scores')]",
+               what="the launch dialog")
+    ui.pick_partition("circle")
+    ui.pick_partition("at_night")
+    ui.wait_for_text("1 partition", where=ui.DIALOG)
+    ui.wait_for_run(ui.launch("Launch 1 run"), "clip_scores-circle-at_night")
+    ui.open("/assets/scores_db")
+    ui.wait_for_text("DuckDB views", 60)
+    ui.materialize_button().click()
+    ui.wait_for_run(ui.element("//a[normalize-space()='View']", 60, "the 'Launched run' toast").get_attribute("href"),
+                    "scores_db")
+
+    # 9. scores_db's page: the per-shift table (with its column schema) and the score chart.
+    ui.open("/assets/scores_db")
+    ui.wait_for_text("per_shift", 60)
+    row = ui.element("//*[normalize-space(text())='per_shift']/ancestor::tr[1]", 30, "per_shift's row")
+    ui.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
+    assert "kept_fraction" in row.text and "at_night" in row.text  # a table, shown inline
+    ui.shot("scores_db-per-shift")
+    ui.click("//*[normalize-space(text())='scores_per_shift']/following::*[normalize-space(text())='[Show Markdown]'][1]",
+             "the chart's [Show Markdown] link")
+    chart = ui.wait(lambda: [i for i in ui.d.find_elements(ui.By.CSS_SELECTOR, "[role='dialog'] img")
+                             if (i.get_attribute("src") or "").startswith("data:image/png")
+                             and ui.d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 600", i)],
+                    30, "the score chart did not render")
+    assert len(chart) == 1
+    ui.shot("scores_db-chart")
+    ui.close_dialog()
+
+    # 10. clip_scores' dropped images: the ones the filter left out, with their scores and reasons.
+    ui.open("/assets/clip_scores")
+    ui.wait_for_text("dropped_images", 60)
+    ui.click("//*[normalize-space(text())='dropped_images']/following::*[normalize-space(text())='[Show Markdown]'][1]",
+             "the dropped images' [Show Markdown] link")
+    text = ui.element(ui.DIALOG, 30, "the dropped images").text
+    assert "dropped" in text
+    if "none dropped" not in text:
+        assert "sim_class" in text and "circle/at_night seed" in text
+    ui.shot("clip_scores-dropped")
+    ui.close_dialog()
+
     # The graph afterwards: the materialized assets in green.
     show_whole_graph(ui)
     ui.wait(lambda: "Materialized" in ui.graph_nodes(), 30, "encoder_root does not show as materialized")
@@ -467,7 +536,7 @@ def test_materialize_from_the_ui(ui, dagster_ui):
     # Read-only confirmation of what the UI showed: exactly the four launched runs, all successful.
     runs = _graphql(dagster_ui.url, "{ runsOrError { ... on Runs { results { status assetSelection { path } } } } }")
     runs = runs["runsOrError"]["results"]
-    assert sorted(r["status"] for r in runs) == ["SUCCESS"] * 4, runs
+    assert sorted(r["status"] for r in runs) == ["SUCCESS"] * 6, runs
     assert sorted(r["assetSelection"][0]["path"][0] for r in runs) == [
-        "class_token", "class_token", "counterfactuals", "encoder_root"]
+        "class_token", "class_token", "clip_scores", "counterfactuals", "encoder_root", "scores_db"]
     assert sorted(p.name for p in (dagster_ui.store / "images" / "circle" / "at_night").glob("*.png")) == ["0.png", "1.png"]
