@@ -83,8 +83,9 @@ def scores_root(tmp_path) -> Path:
     part = root / "scores" / "class=circle" / "shift=base"
     part.mkdir(parents=True)
     con = duckdb.connect(str(root / "scores.duckdb"))
-    con.execute(f"COPY (SELECT 'circle' AS class_key, 'circle' AS class_name, 0 AS seed, 0.5 AS sim_class, "
-                f"0.25 AS sim_shift, true AS kept) TO '{part / 'part.parquet'}' (FORMAT parquet)")
+    con.execute(f"COPY (SELECT 'circle' AS class_key, 'circle' AS class_name, 0 AS seed, 'x.png' AS image_path, "
+                f"0.5 AS sim_class, 0.25 AS sim_shift, 0.4 AS sim_class_floor, 'circle' AS zero_shot_class, true AS kept, "
+                f"NULL::VARCHAR AS drop_reason) TO '{part / 'part.parquet'}' (FORMAT parquet)")
     glob = str(root / "scores" / "*" / "*" / "*.parquet")
     for name, sql in VIEWS.items():
         con.execute(f"CREATE VIEW {name} AS {sql.format(glob=glob)}")
