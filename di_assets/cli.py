@@ -537,8 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",
                        description="Run read-only SQL over the DuckDB views: `scores` (one row per image), "
-                                   "`mean_scores`, and with a diagnosis `predictions`, `accuracy`, "
-                                   "`shift_failures`, `class_failures`, `real_vs_base`.")
+                                   "`mean_scores`, `dropped` (the images the CLIP filter left out, and why), and "
+                                   "with a diagnosis `predictions`, `accuracy`, `shift_failures`, `class_failures`, "
+                                   "`real_vs_base`. Only queries run (SELECT, DESCRIBE, SUMMARIZE, EXPLAIN), and "
+                                   "only the views' own files can be read.")
     common(q)
     q.add_argument("sql", help="e.g. \"SELECT shift, avg(sim_class) FROM scores GROUP BY shift\"")
     q.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table",
