@@ -22,7 +22,7 @@ RUN pip install -c constraints.txt torch torchvision
 
 COPY pyproject.toml setup.py README.md ./
 COPY di_assets ./di_assets
-RUN pip install -c constraints.txt ".[k8s]" dagster-postgres
+RUN pip install -c constraints.txt ".[k8s,postgres]"
 
 # The Helm chart runs `dagster api grpc -m di_assets.definitions` in this image; a plain
 # `docker run` serves the same code location.

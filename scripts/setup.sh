@@ -32,3 +32,18 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
          "the UI test will not run" >&2
   fi
 fi
+# The Postgres test (di_assets_tests/test_postgres.py) starts Debian's PostgreSQL server in a temporary
+# folder (as the `postgres` user the package makes): install it from apt when its binaries are missing,
+# as for chromium. The package's own cluster is not used.
+if ! { command -v initdb >/dev/null && command -v pg_ctl >/dev/null; } &&
+   ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing postgresql with apt-get (for the Postgres test)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }; then
+      echo "[setup] warning: apt-get could not install postgresql; the Postgres test will not run" >&2
+    fi
+  else
+    echo "[setup] note: the PostgreSQL server is missing (apt-get install postgresql, as root);" \
+         "the Postgres test will not run" >&2
+  fi
+fi
