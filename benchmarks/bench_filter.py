@@ -40,13 +40,14 @@ def main(argv=None) -> int:
 
     from di_assets.reference_world.judge import judge_shapes
 
-    con = duckdb.connect(str(storage / "scores.duckdb"), read_only=True)
+    con = duckdb.connect(str(storage / "scores.duckdb"), read_only=True,
+                          config={"file_search_path": str(storage.resolve())})
     rows = con.execute("SELECT class_key, shift, image_path, kept, zero_shot_class = class_key AS zs, "
                        "shift = 'base' OR sim_shift > sim_base AS sb, "
                        "sim_class_floor IS NULL OR sim_class >= sim_class_floor AS fl FROM scores ORDER BY ALL").fetchall()
     images = []
     for r in rows:
-        with Image.open(r[2]) as im:
+        with Image.open(storage / r[2]) as im:  # image_path is relative to the storage root
             images.append(im.convert("RGB"))
     right = [j == r[0] for j, r in zip(judge_shapes(images), rows)]
     rules = {

@@ -141,14 +141,16 @@ def cmd_run(args) -> int:
 
     driver.observe()
     n, grid = len(classes), len(classes) * len(shifts)
+    # the whole class x shift grid in one run: a rectangle of class x shift keys, or every class
+    everything = (over(classes[0], classes[-1]) if settings.partition_grain == "class"
+                  else over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
     step(f"class_token: {n} classes", ["class_token"], n, **over(classes[0], classes[-1]))
     step("encoder_root", ["encoder_root"])
     step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
-         ["counterfactuals", "clip_scores"], grid, **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
+         ["counterfactuals", "clip_scores"], grid, **everything)
     if settings.baseline:
         step(f"baseline (class names): {len(classes)} classes x {len(shifts)} shifts",
-             ["baseline_counterfactuals", "baseline_scores"], grid,
-             **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
+             ["baseline_counterfactuals", "baseline_scores"], grid, **everything)
     step("scores_db", ["scores_db"])
     classifiers = [c.name for c in settings.classifier_specs()]
     if classifiers:
@@ -157,8 +159,7 @@ def cmd_run(args) -> int:
         step(f"real_predictions: {len(classifiers)} classifiers x {len(classes)} classes",
              [real_prediction_key(c) for c in classifiers], n, **over(classes[0], classes[-1]))
         step(f"predictions: {len(classifiers)} classifiers x {len(classes)} classes x {len(shifts)} shifts",
-             [prediction_key(c) for c in classifiers], grid,
-             **over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
+             [prediction_key(c) for c in classifiers], grid, **everything)
         step("diagnosis", ["diagnosis"])
     print(f"\ndone in {time.time() - t0:.1f}s. Results under {storage}:")
     print(f"  tokens        {storage / 'tokens'}/<class>/learned_embeds.safetensors")
@@ -356,6 +357,10 @@ def cmd_update(args) -> int:
 
 # The folders whose Parquet files the views read: the only files a query may touch.
 VIEW_DATA = ("scores", "baseline/scores", "predictions", "real_predictions")
+# The views' globs, relative to the storage root (those of defs.scores_db and ml.diagnosis.views): a query
+# may name these patterns exactly; what they match lies in VIEW_DATA under the root the database is in.
+VIEW_GLOBS = ("scores/*/*/*.parquet", "baseline/scores/*/*/*.parquet", "predictions/*/*/*/*.parquet",
+              "real_predictions/*/*/*.parquet")
 QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # SELECT includes DESCRIBE, SUMMARIZE, SHOW, FROM ..., VALUES
 
 
@@ -375,9 +380,20 @@ def _open_scores_db(db: Path, made_by: str = "scores_db"):
         if "lock" in reason.lower():
             raise SystemExit(f"error: {db} is being rebuilt by a run; retry when it ends ({reason})") from None
         raise SystemExit(f"error: cannot open {db}: {reason}") from None
-    # Allowed directories must be set while external access is still on; then lock the configuration
-    # so that no statement can turn either back.
-    con.execute("SET allowed_directories = ?", [[str(db.parent / d) + os.sep for d in VIEW_DATA]])
+    from di_assets.ml.diagnosis import use_storage_root
+
+    # The views' relative globs resolve against the root the database is in (a copy reads its own files).
+    # Allowed paths and directories must be set while external access is still on; then lock the
+    # configuration so that no statement can turn any of them back. Only the exact relative globs are
+    # allowed (a plain relative file name would fall back to the working directory), and the absolute
+    # folders they match (and that the views of older databases name).
+    try:
+        root = use_storage_root(con, db.parent)
+    except ValueError as exc:
+        con.close()
+        raise SystemExit(f"error: {exc}") from None
+    con.execute("SET allowed_paths = ?", [list(VIEW_GLOBS)])
+    con.execute("SET allowed_directories = ?", [[os.path.join(root, d) + os.sep for d in VIEW_DATA]])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'scores'").fetchone()[0]:

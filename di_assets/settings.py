@@ -16,6 +16,7 @@ import yaml
 
 PACKAGE_DIR = Path(__file__).parent
 EXAMPLE_DATASET = PACKAGE_DIR / "example_data"
+GRAINS = ("class_shift", "class")  # partition_grain: what one partition of counterfactuals and scores holds
 
 
 def default_storage() -> Path:
@@ -49,6 +50,10 @@ class Settings:
     baseline: bool = False
     observe_cron: str = "0 * * * *"  # when the schedule observes the dataset folder (hourly)
     removed_classes: str = "trash"  # a removed class's files: "trash" (storage/trash/) or "delete"
+    # counterfactuals, scores and predictions partitioned by class x shift (the default), or by class
+    # only (one partition makes all of a class's shifts: ImageNet-21k stays within Dagster's
+    # recommended 100,000 partitions per asset)
+    partition_grain: str = "class_shift"
     source = None  # not a setting: where the settings came from (a file, the command line), for error messages
 
     @classmethod
@@ -129,6 +134,9 @@ class Settings:
         if self.removed_classes not in choices:
             raise _error(src, "removed_classes",
                          f"should be one of {', '.join(choices)}, got {self.removed_classes!r}")
+        if self.partition_grain not in GRAINS:
+            raise _error(src, "partition_grain",
+                         f"should be one of {', '.join(GRAINS)}, got {self.partition_grain!r}")
         return self
 
     def _check_shifts(self) -> None:

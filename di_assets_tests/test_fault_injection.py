@@ -87,7 +87,7 @@ def check_storage(root: Path) -> dict:
         assert table.num_rows > 0
         if f.parts[-4] == "scores":
             scores[str(f.relative_to(root))] = table.select(["seed", "sim_class", "sim_shift", "kept"]).to_pylist()
-    con = duckdb.connect(str(root / "scores.duckdb"), read_only=True)
+    con = duckdb.connect(str(root / "scores.duckdb"), read_only=True, config={"file_search_path": str(root)})
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     assert {"scores", "mean_scores", "predictions", "shift_failures"} <= views
     rows = con.execute("SELECT count(*) FROM scores").fetchone()[0]

@@ -152,7 +152,7 @@ def test_example_run_on_the_reference_world(tmp_path):
     sheet = Image.open(store / "counterfactuals.png")
     assert sheet.width >= 64 * len(shifts) and sheet.height >= 64 * len(classes)
 
-    con = duckdb.connect(str(store / "scores.duckdb"), read_only=True)
+    con = duckdb.connect(str(store / "scores.duckdb"), read_only=True, config={"file_search_path": str(store)})
     assert con.execute("SELECT count(DISTINCT class_key), count(DISTINCT shift) FROM scores").fetchone() == (
         len(classes), len(shifts))
     scorer = get_scorer(ModelSpec(device="cpu"))

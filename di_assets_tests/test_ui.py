@@ -454,20 +454,19 @@ def test_materialize_from_the_ui(ui, dagster_ui):
     ui.shot("counterfactuals-dialog")
     ui.wait_for_run(ui.launch("Launch 1 run"), "counterfactuals-circle-at_night")
 
-    # 5. The asset page: the partition, its metadata, and the thumbnails as a grid of images.
+    # 5. The asset page: the partition and its own record: its prompt, count and the preview file
+    # beside its images (linked: no image bytes in Dagster's history).
     ui.open("/assets/counterfactuals")
     ui.wait_for_text("circle|at_night", 60)
-    ui.element("//td[normalize-space()='thumbnails'] | //*[normalize-space(text())='thumbnails']", 30,
-               "the thumbnails metadata row")
-    assert "a photo of a <TOKEN> at night" in ui.text()
-    ui.click("//*[normalize-space(text())='[Show Markdown]']", "the thumbnails' [Show Markdown] link")
-    ui.element(f"{ui.DIALOG}//*[normalize-space(text())='circle / at_night']", 30, "the thumbnail grid")
-    images = ui.wait(lambda: [i for i in ui.d.find_elements(ui.By.CSS_SELECTOR, "[role='dialog'] img")
-                              if (i.get_attribute("src") or "").startswith("data:image/png")
-                              and ui.d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)],
-                     30, "the thumbnails did not render")
-    assert len(images) == NUM_SAMPLES  # one row (the shift), one column per sample
-    assert "seed 0" in ui.text() and "seed 1" in ui.text()
+    ui.element("//td[normalize-space()='preview'] | //*[normalize-space(text())='preview']", 30,
+               "the preview metadata row")
+    text = ui.text()
+    assert "a photo of a <TOKEN> at night" in text and "images/circle/at_night/preview.jpg" in text
+    assert "base64" not in ui.d.page_source
+    from PIL import Image
+
+    preview = Image.open(dagster_ui.store / "images" / "circle" / "at_night" / "preview.jpg")
+    assert preview.width >= NUM_SAMPLES * 128  # one cell per sample
     ui.shot("counterfactuals-asset")
 
     # 6. The asset check's result, on the Checks tab.
@@ -516,17 +515,15 @@ def test_materialize_from_the_ui(ui, dagster_ui):
     ui.shot("scores_db-chart")
     ui.close_dialog()
 
-    # 10. clip_scores' dropped images: the ones the filter left out, with their scores and reasons.
+    # 10. clip_scores' partition: its own numbers (the Plots tab draws them across partitions) and,
+    # when the filter dropped some, the file that shows them with their scores and reasons.
     ui.open("/assets/clip_scores")
-    ui.wait_for_text("dropped_images", 60)
-    ui.click("//*[normalize-space(text())='dropped_images']/following::*[normalize-space(text())='[Show Markdown]'][1]",
-             "the dropped images' [Show Markdown] link")
-    text = ui.element(ui.DIALOG, 30, "the dropped images").text
-    assert "dropped" in text
-    if "none dropped" not in text:
-        assert "sim_class" in text and "circle/at_night seed" in text
-    ui.shot("clip_scores-dropped")
-    ui.close_dialog()
+    ui.wait_for_text("mean_sim_class", 60)
+    text = ui.text()
+    assert "circle|at_night" in text and "kept_fraction" in text and "a photo at night" in text
+    if "dropped_preview" in text:
+        assert "scores/class=circle/shift=at_night/dropped.jpg" in text
+    ui.shot("clip_scores-partition")
 
     # The graph afterwards: the materialized assets in green.
     show_whole_graph(ui)

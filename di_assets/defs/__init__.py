@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
@@ -21,7 +23,7 @@ from .counterfactuals import build_count_check, build_counterfactuals
 from .diagnosis import build_diagnosis
 from .encoder_root import build_encoder_root, build_root_check
 from .executors import build_executor
-from .partitions import CLASSES, class_shift_partitions
+from .partitions import CLASSES, interface_partitions
 from .predictions import build_predictions, build_real_predictions
 from .progress import LOGGERS
 from .resources import InterfaceParams, ModelResource, StorageResource
@@ -36,13 +38,16 @@ def build_resources(settings: Settings) -> dict:
         "models": ModelResource(**settings.models),
         # every unset hyperparameter at its family default, so that the launchpad shows the values in use
         "params": InterfaceParams.for_settings(settings),
-        "duckdb": DuckDBResource(database=str(storage.scores_db)),
+        # the views read paths relative to the storage root (so that a root can move): resolve them there
+        "duckdb": DuckDBResource(database=str(storage.scores_db),
+                                 connection_config={"file_search_path": str(Path(storage.root).resolve())}),
     }
 
 
 def build_assets(settings: Settings) -> list:
     shifts = select_shifts(settings.shifts)
-    grid = class_shift_partitions([s.key for s in shifts])
+    keys = [s.key for s in shifts]
+    grid = interface_partitions(keys, settings.partition_grain)
     versions = code_versions(settings, shifts)
     assets = [
         class_images,
@@ -50,22 +55,23 @@ def build_assets(settings: Settings) -> list:
         build_encoder_root(versions["encoder_root"]),
         build_counterfactuals(shifts, grid, versions["counterfactuals"]),
         build_clip_scores(shifts, grid, versions["clip_scores"]),
-        build_scores_db(settings.baseline, [s.key for s in shifts]),
+        build_scores_db(settings.baseline, keys),
         # The asset checks (each reads its asset's files; it runs after its asset, or alone from the UI)
         images_check,
         build_token_check(),
         build_root_check(),
-        build_count_check(grid),
-        build_range_check(grid),
-        build_rows_check([s.key for s in shifts]),
+        build_count_check(grid, shift_keys=keys),
+        build_range_check(grid, shift_keys=keys),
+        build_rows_check(keys),
     ]
     if settings.baseline:  # the paper's class-name baseline, to compare with the tokens shift by shift
         assets += [build_counterfactuals(shifts, grid, versions["counterfactuals"], baseline=True),
                    build_clip_scores(shifts, grid, versions["clip_scores"], baseline=True),
-                   build_count_check(grid, baseline=True), build_range_check(grid, baseline=True)]
+                   build_count_check(grid, baseline=True, shift_keys=keys),
+                   build_range_check(grid, baseline=True, shift_keys=keys)]
     classifiers = settings.classifier_specs()
     for spec in classifiers:
-        assets += [build_predictions(spec, grid, classifier_version(spec)),
+        assets += [build_predictions(spec, grid, classifier_version(spec), keys),
                    build_real_predictions(spec, classifier_version(spec))]
     if classifiers:
         assets.append(build_diagnosis([s.name for s in classifiers], versions["diagnosis"]))

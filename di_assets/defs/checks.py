@@ -106,6 +106,28 @@ def emit(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, check_n
     yield dg.Output(None)
 
 
+def by_partition(keys: Iterable[str], shift_keys: Sequence[str], pair_result) -> dict:
+    """A check's result of each partition from the results of the (class, shift) pairs it holds.
+
+    A class x shift partition's result is its pair's; a class partition (the class grain) passes
+    when every shift does, and names the failing shifts with the first one's reason.
+    """
+    from .partitions import pairs_of
+
+    out = {}
+    for key in keys:
+        results = [(s, *pair_result(c, s)) for c, s in pairs_of(key, list(shift_keys))]
+        if len(results) == 1:
+            out[key] = tuple(results[0][1:])
+            continue
+        bad = [(s, meta) for s, ok, meta in results if not ok]
+        meta = {"shifts": len(results), "failed_shifts": name_list([s for s, _ in bad]) or "none",
+                **({"reason": f"{bad[0][0]}: {bad[0][1].get('reason', 'failed')}"
+                              + (f" (and {len(bad) - 1} more shifts)" if len(bad) > 1 else "")} if bad else {})}
+        out[key] = (not bad, meta)
+    return out
+
+
 def failed_partitions(instance: dg.DagsterInstance, check_key: dg.AssetCheckKey,
                       partition_keys: Iterable[str]) -> list[str]:
     """The partitions whose latest evaluation of the check failed, on their current materialization.

@@ -5,13 +5,13 @@ import dagster as dg
 from .checks import emit, partitioned_checks, run_partition_keys
 from .class_images import class_images
 from .executors import gpu_tags
-from .metadata import png_markdown
 from .partitions import CLASSES, OWNERS
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 CLASS_TOKEN = dg.AssetKey("class_token")
 TOKEN_CHECK = "token_is_finite_with_sane_norm"
 NORM_LIMIT = 20  # a sane token: no larger than 20x the vocabulary's largest word
+LOSS_CHART = "loss.png"  # the class's loss curve, beside its token
 
 
 def build_class_token(code_version: str) -> dg.AssetsDefinition:
@@ -34,16 +34,22 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
     def class_token(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
+        from di_assets.ml.io import atomic_path
         from di_assets.ml.report import loss_chart
         from di_assets.ml.textual_inversion import NonFiniteTokenError, run_textual_inversion
 
+        classes = storage.classes()  # once per step: a range of N classes must not list the dataset N times
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             cfg = params.ti_config(spec.family)
             every = max(1, cfg.steps // 10)
-            rows, curves, failures = [], {}, {}
+            done, failures = [], {}
             for key in context.partition_keys:
-                folder = storage.class_folder(key)
+                if key not in classes:
+                    failures[key] = f"no folder {key!r} in {storage.dataset}; was it removed?"
+                    context.log.error(f"class_token {key}: {failures[key]}")
+                    continue
+                folder = classes[key]
 
                 def progress(step, total, loss, token=folder.token):
                     if step % every == 0 or step == total:
@@ -58,25 +64,28 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                     if not isinstance(exc, NonFiniteTokenError):  # the one line is the message; keep the where
                         context.log.debug(f"class_token {key}: traceback", exc_info=exc)
                     continue
-                norm = float(r.embeds.norm(dim=-1).max())
                 tail = r.losses[-max(1, len(r.losses) // 10):]
-                rows.append({"class": folder.name, "token": folder.token, "final_loss": sum(tail) / len(tail),
-                             "eval_before": r.initial_eval_loss, "eval_after": r.final_eval_loss, "norm": norm})
-                curves[folder.token] = r.losses
+                final = sum(tail) / len(tail)
+                # The class's loss curve as a file beside its token (a chart with axes and a legend);
+                # the record links it, so each partition's record stays a few hundred bytes.
+                chart = storage.token_dir(key) / LOSS_CHART
+                with atomic_path(chart) as tmp:
+                    tmp.write_bytes(loss_chart({folder.token: r.losses},
+                                               {folder.token: (r.initial_eval_loss, r.final_eval_loss)}))
+                # Each partition's own record, also in a run over many classes.
+                context.add_asset_metadata({
+                    "token": folder.token, "class_name": folder.name, "steps": cfg.steps,
+                    "final_loss": final, "eval_loss_before": r.initial_eval_loss,
+                    "eval_loss_after": r.final_eval_loss, "norm": float(r.embeds.norm(dim=-1).max()),
+                    "path": dg.MetadataValue.path(str(storage.token_dir(key) / "learned_embeds.safetensors")),
+                    "loss_curve": dg.MetadataValue.path(str(chart)),
+                }, partition_key=key)
+                done.append((folder.token, final))
         raise_for_failures(failures, len(context.partition_keys))
-        metadata = {
-            "classes": len(rows),
-            "final_loss": sum(r["final_loss"] for r in rows) / len(rows),
-            "steps": cfg.steps,
-            "tokens": dg.MetadataValue.md(_table(rows)),
-            # one chart with axes and a legend of the tokens (with their eval loss before -> after)
-            "loss_curve": dg.MetadataValue.md(png_markdown(
-                loss_chart(curves, {r["token"]: (r["eval_before"], r["eval_after"]) for r in rows}),
-                "textual inversion loss per step")),
-        }
-        if len(rows) == 1:
-            metadata["path"] = dg.MetadataValue.path(str(storage.token_dir(context.partition_key) / "learned_embeds.safetensors"))
-        return dg.MaterializeResult(metadata=metadata)
+        if len(done) > 1:  # the run's summary goes to its log, not into every partition's record
+            context.log.info(f"textual inversion of {len(done)} classes, mean final loss "
+                             f"{sum(f for _, f in done) / len(done):.4f}")
+        return dg.MaterializeResult()
 
     return class_token
 
@@ -155,10 +164,3 @@ def raise_for_failures(failures: dict[str, str], total: int) -> None:
         f"textual inversion failed for {len(failures)} of {total} classes{others}: "
         + " | ".join(f"{k}: {why}" for k, why in failures.items()),
         dict(failures))
-
-
-def _table(rows) -> str:
-    lines = ["| class | token | final loss | eval loss before → after | norm |", "|---|---|---|---|---|"]
-    lines += [f"| {r['class']} | `{r['token']}` | {r['final_loss']:.4f} | {r['eval_before']:.4f} → {r['eval_after']:.4f} "
-              f"| {r['norm']:.3f} |" for r in rows]
-    return "\n".join(lines)

@@ -4,11 +4,11 @@ import dagster as dg
 
 from di_assets.ml.shifts import Shift, class_caption
 
-from .checks import emit, partitioned_checks, run_partition_keys
+from .checks import by_partition, emit, partitioned_checks, run_partition_keys
 from .executors import gpu_tags
 from .progress import partition_progress
-from .metadata import captioned_strip_markdown, table_schema
-from .partitions import OWNERS, class_and_shift_keys
+from .metadata import table_schema
+from .partitions import OWNERS, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
@@ -18,7 +18,7 @@ SCORE_COLUMNS = [
     ("class_name", "string", "Class display name, as in the captions"),
     ("shift", "string", "Shift key"),
     ("seed", "int", "Seed of the image"),
-    ("image_path", "string", "The image file"),
+    ("image_path", "string", "The image file, relative to the storage root (`images/<class>/<shift>/<seed>.png`)"),
     ("sim_class", "float", "CLIP similarity to the class caption `a photo of a <class>`"),
     ("sim_shift", "float", "CLIP similarity to the shift caption (`a photo in the snow`)"),
     ("sim_base", "float", "CLIP similarity to the base caption `a photo`"),
@@ -45,6 +45,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                       baseline: bool = False) -> dg.AssetsDefinition:
     """The scores; with `baseline`, of the class-name baseline's images (`baseline/scores/...`)."""
     by_key = {s.key: s for s in shifts}
+    shift_keys = [s.key for s in shifts]
     asset_name = "baseline_scores" if baseline else "clip_scores"
     where = "baseline/scores" if baseline else "scores"
 
@@ -81,18 +82,18 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         class_keys = list(classes)
         index = {k: i for i, k in enumerate(class_keys)}
         captions = [class_caption(c.name) for c in classes.values()]
-        pairs = class_and_shift_keys(context)
+        work = partition_pairs(context, shift_keys)
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
             rule = params.scoring.rule()
-            stats, real_sim, dropped = [], {}, []
+            stats, real_sim, acc = [], {}, {}
             if rule.calibrated:  # what a match looks like for this model: the class's real images, once per run
-                for key in dict.fromkeys(k for k, _ in pairs):
+                for key in dict.fromkeys(c for _, c, _ in work):
                     if key in classes:
                         real = load_class_images(classes[key].path, limit=params.scoring.real_images)
                         real_sim[key] = scorer.similarity(real, [captions[index[key]]])[:, 0].median().item()
-            for key, shift_key in pairs:
+            for pkey, key, shift_key in work:
                 shift = by_key[shift_key]
                 folder = storage.images_dir(key, shift_key, baseline)
                 manifest, images = read_counterfactuals(folder)
@@ -112,7 +113,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                     "class_name": [name] * n,
                     "shift": [shift_key] * n,
                     "seed": pa.array([r["seed"] for r in manifest["images"]], pa.int64()),
-                    "image_path": [str(folder / r["file"]) for r in manifest["images"]],
+                    "image_path": [(folder / r["file"]).relative_to(storage.root).as_posix() for r in manifest["images"]],
                     "sim_class": pa.array(sim_class, pa.float32()),
                     "sim_shift": pa.array(sim_shift.tolist(), pa.float32()),
                     "sim_base": pa.array(sim_base.tolist(), pa.float32()),
@@ -126,55 +127,88 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                 })
                 with atomic_path(storage.scores_file(key, shift_key, baseline)) as tmp:
                     pq.write_table(table, tmp)
-                stats.append((key, shift_key, n, _mean(sim_class), _mean(sim_shift.tolist()), sum(kept)))
-                for img, rec, c, h, why in zip(images, manifest["images"], sim_class, sim_shift.tolist(), reasons):
-                    if why is not None and len(dropped) < DROPPED_PREVIEW:  # a few, with their numbers and reason
-                        dropped.append((img, f"{key}/{shift_key} seed {rec['seed']}: sim_class {c:.3f}, "
-                                             f"sim_shift {h:.3f}; {why}"))
+                stats.append((n, sum(kept)))
+                part = acc.setdefault(pkey, {"n": 0, "kept": 0, "sim_class": [], "sim_shift": [], "drops": [],
+                                             "shifts": []})
+                part["n"] += n
+                part["kept"] += sum(kept)
+                part["sim_class"] += sim_class
+                part["sim_shift"] += sim_shift.tolist()
+                part["shifts"].append(shift_key)
+                part["drops"] += [(img, f"{shift_key} seed {rec['seed']}: sim_class {c:.3f}, sim_shift {h:.3f}; {why}")
+                                  for img, rec, c, h, why in zip(images, manifest["images"], sim_class,
+                                                                 sim_shift.tolist(), reasons)
+                                  if why is not None][:DROPPED_PREVIEW - len(part["drops"])]
+                part["dropped"] = part.get("dropped", 0) + n - sum(kept)
                 context.log.info(f"{key} / {shift_key}: {sum(kept)}/{n} kept, mean sim_class {_mean(sim_class):.3f} "
-                                 f"{partition_progress(len(stats), len(pairs))}")
-        metadata = {
-            "dagster/row_count": sum(s[2] for s in stats),
-            "mean_sim_class": _mean([s[3] for s in stats]),
-            "mean_sim_shift": _mean([s[4] for s in stats]),
-            "kept": sum(s[5] for s in stats),
-            "partitions": dg.MetadataValue.md(
-                "| class | shift | images | sim_class | sim_shift | kept |\n|---|---|---|---|---|---|\n" + "\n".join(
-                    f"| {k} | {s} | {n} | {c:.4f} | {h:.4f} | {kp} |" for k, s, n, c, h, kp in stats[:50])),
-            # the images the CLIP filter dropped (the first few), with their scores and reason; all of them
-            # are in the `dropped` view of scores.duckdb
-            "dropped_images": dg.MetadataValue.md(
-                f"{sum(s[2] - s[5] for s in stats)} dropped; the first {len(dropped)}:\n\n"
-                + captioned_strip_markdown(dropped) if dropped else "none dropped"),
-        }
-        if len(stats) == 1:
-            metadata["path"] = dg.MetadataValue.path(str(storage.scores_file(*stats[0][:2], baseline)))
-            metadata["shift_caption"] = by_key[stats[0][1]].caption
-        return dg.MaterializeResult(metadata=metadata)
+                                 f"{partition_progress(len(stats), len(work))}")
+                if len(stats) < len(work) and work[len(stats)][0] == pkey:
+                    continue  # the partition has more shifts to score
+                # Each partition's own record, also in a run over many partitions: its numbers (the UI's
+                # Plots tab draws them per partition) and a file of its dropped images, linked.
+                part = acc.pop(pkey)
+                where = (storage.scores_file(key, shift_key, baseline) if len(part["shifts"]) == 1
+                         else storage.scores_file(key, shift_key, baseline).parent.parent)
+                meta = {
+                    "dagster/row_count": part["n"], "mean_sim_class": _mean(part["sim_class"]),
+                    "mean_sim_shift": _mean(part["sim_shift"]), "kept": part["kept"],
+                    "kept_fraction": part["kept"] / part["n"] if part["n"] else float("nan"),
+                    "dropped": part["dropped"], "path": dg.MetadataValue.path(str(where)),
+                    **({"shift_caption": shift.caption} if len(part["shifts"]) == 1 else {"shifts": len(part["shifts"])}),
+                }
+                if part["drops"]:
+                    sheet = (where.parent if where.suffix else where) / DROPPED_SHEET
+                    with atomic_path(sheet) as tmp:
+                        dropped_sheet(part["drops"]).save(tmp, format="JPEG", quality=85)
+                    meta["dropped_preview"] = dg.MetadataValue.path(str(sheet))
+                    meta["dropped_reasons"] = "; ".join(c for _, c in part["drops"][:3])[:500]
+                context.add_asset_metadata(meta, partition_key=pkey)
+        if len(context.partition_keys) > 1:  # the run's summary goes to its log; scores_db holds the totals
+            context.log.info(f"{sum(k for _, k in stats)} of {sum(n for n, _ in stats)} images kept "
+                             f"in {len(context.partition_keys)} partitions")
+        return dg.MaterializeResult()
 
     return clip_scores
 
 
 SIM_COLUMNS = ["sim_class", "sim_shift", "sim_base"]
-DROPPED_PREVIEW = 8  # dropped images shown in a run's record
+DROPPED_PREVIEW = 8  # dropped images in a partition's preview file
+DROPPED_SHEET = "dropped.jpg"  # beside the partition's part.parquet
 
 
-def range_check_results(storage: StorageResource, keys: list[str], baseline: bool = False) -> dict:
-    """RANGE_CHECK of each partition (`class|shift`), from its Parquet file: {key: (passed, metadata)}."""
+def dropped_sheet(items):
+    """A picture of a partition's dropped images, each under its seed, scores and reason."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    size, line, width = 128, 12, 44  # characters per caption line at Pillow's default font
+    captions = [textwrap.wrap(c, width, break_on_hyphens=False)[:9] for _, c in items]
+    sheet = Image.new("RGB", (size + 16 + 6 * width, (size + 8) * len(items)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, ((image, _), lines) in enumerate(zip(items, captions)):
+        y = i * (size + 8)
+        sheet.paste(image.convert("RGB").resize((size, size)), (4, y + 4))
+        for k, text in enumerate(lines):
+            draw.text((size + 8, y + 4 + k * line), text, fill="black")
+    return sheet
+
+
+def range_check_results(storage: StorageResource, keys: list[str], baseline: bool = False,
+                        shift_keys: list[str] = ()) -> dict:
+    """RANGE_CHECK of each partition (`class|shift`, or a class at the class grain), from its
+    Parquet files: {key: (passed, metadata)}."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    out = {}
-    for key in keys:
-        class_key, shift = key.split("|")
+    def one(class_key: str, shift: str) -> tuple[bool, dict]:
         path = storage.scores_file(class_key, shift, baseline)
         meta = {"path": dg.MetadataValue.path(str(path))}
         try:
             table = pq.read_table(path, columns=SIM_COLUMNS)
         except (OSError, ValueError, KeyError) as exc:  # missing, unreadable, or without the columns
-            out[key] = (False, {**meta, "reason": f"cannot read {', '.join(SIM_COLUMNS)} "
-                                                  f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"})
-            continue
+            return False, {**meta, "reason": f"cannot read {', '.join(SIM_COLUMNS)} "
+                                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"}
         # nulls read as NaN: a missing similarity fails the check like a NaN
         values = np.concatenate([table[c].to_numpy().astype("float64") for c in SIM_COLUMNS])
         finite = values[np.isfinite(values)]
@@ -183,19 +217,20 @@ def range_check_results(storage: StorageResource, keys: list[str], baseline: boo
         ok = table.num_rows > 0 and bad == 0 and -1 <= lo and hi <= 1
         reason = ("no rows" if not table.num_rows else f"{bad} NaN, inf or missing values" if bad
                   else f"values in [{lo:.4g}, {hi:.4g}]")
-        out[key] = (ok, {**meta, "rows": table.num_rows, "non_finite": bad,
-                         **({"min": lo, "max": hi} if finite.size else {}), **({} if ok else {"reason": reason})})
-    return out
+        return ok, {**meta, "rows": table.num_rows, "non_finite": bad,
+                    **({"min": lo, "max": hi} if finite.size else {}), **({} if ok else {"reason": reason})}
+
+    return by_partition(keys, shift_keys, one)
 
 
-def build_range_check(partitions_def, baseline: bool = False) -> dg.AssetChecksDefinition:
-    """RANGE_CHECK, per class x shift (not blocking)."""
+def build_range_check(partitions_def, baseline: bool = False, shift_keys: list[str] = ()) -> dg.AssetChecksDefinition:
+    """RANGE_CHECK, per partition (not blocking)."""
     asset = dg.AssetKey("baseline_scores" if baseline else "clip_scores")
     with partitioned_checks():
         @dg.asset_check(asset=asset, name=RANGE_CHECK, partitions_def=partitions_def,
                         description="Every similarity lies in [-1, 1], with no NaN (read from the Parquet file)")
         def range_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
             keys = run_partition_keys(context, partitions_def)
-            yield from emit(context, asset, RANGE_CHECK, range_check_results(storage, keys, baseline))
+            yield from emit(context, asset, RANGE_CHECK, range_check_results(storage, keys, baseline, list(shift_keys)))
 
     return range_check

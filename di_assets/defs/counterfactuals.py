@@ -5,15 +5,16 @@ import dagster as dg
 from di_assets.ml.io import MANIFEST
 from di_assets.ml.shifts import Shift
 
-from .checks import emit, failed_partitions, name_list, partitioned_checks, run_partition_keys
+from .checks import by_partition, emit, failed_partitions, name_list, partitioned_checks, run_partition_keys
 from .class_token import TOKEN_CHECK
 from .executors import gpu_tags
 from .progress import partition_progress
-from .metadata import image_grid_markdown
-from .partitions import OWNERS, class_and_shift_keys, missing_or_changed
+from .partitions import OWNERS, missing_or_changed, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
+PREVIEW = "preview.jpg"  # a contact sheet of the partition's first images, beside them
+PREVIEW_IMAGES, PREVIEW_SIZE = 8, 128
 ENCODER_ROOT = dg.AssetKey("encoder_root")
 CLASS_TOKEN = dg.AssetKey("class_token")
 
@@ -48,6 +49,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
     """The counterfactuals; with `baseline`, the paper's class-name baseline (`use_token=False`):
     the same prompts and seeds with the class name in place of the token, under `baseline/`."""
     by_key = {s.key: s for s in shifts}
+    shift_keys = [s.key for s in shifts]
     name = BASELINE if baseline else "counterfactuals"
     where = "baseline/images" if baseline else "images"
 
@@ -75,53 +77,65 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         import json
 
         from di_assets.ml.encoder_root import embeds_digest, resolve_class
-        from di_assets.ml.generate import generate_samples
-        from di_assets.ml.io import atomic_dir
+        from di_assets.ml.generate import contact_sheet, generate_samples
+        from di_assets.ml.io import atomic_dir, atomic_path
         from di_assets.ml.models import portable_base_model
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
+        work = partition_pairs(context, shift_keys)
         if not baseline:  # before any work (and before it holds a GPU)
-            refuse_failed_tokens(context.instance, list(dict.fromkeys(k for k, _ in class_and_shift_keys(context))))
+            refuse_failed_tokens(context.instance, list(dict.fromkeys(c for _, c, _ in work)))
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             cfg = params.generation_config(spec.family)
             n, seed = params.generation.num_samples, params.generation.seed
-            pairs = class_and_shift_keys(context)
-            for key in [] if baseline else dict.fromkeys(k for k, _ in pairs):
+            for key in [] if baseline else dict.fromkeys(c for _, c, _ in work):
                 # Never generate from a root that predates this class's current token.
                 _, learned = load_learned_embeds(storage.token_dir(key) / EMBEDS_FILE)
                 if resolve_class(storage.encoder_root, key).embeds_sha != embeds_digest(learned):
                     raise dg.Failure(f"the encoder root holds an older token for class {key!r}; "
                                      "materialize encoder_root, then rerun this partition")
-            grid, labels, counts = [], [], []
-            for i, (key, shift_key) in enumerate(pairs, 1):
+            rows: dict[str, list] = {}  # the partition's preview rows so far (one per shift)
+            for i, (pkey, key, shift_key) in enumerate(work, 1):
                 shift = by_key[shift_key]
                 samples = generate_samples(storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n),
                                            model=spec, config=cfg, use_token=not baseline)
                 out = storage.images_dir(key, shift_key, baseline)
+                first = [s.image for s in samples[:PREVIEW_IMAGES]]
                 with atomic_dir(out) as tmp:
                     for s in samples:
                         s.image.save(tmp / f"{s.seed}.png")
+                    # a small preview beside the images (the record links it: no image bytes in Dagster)
+                    contact_sheet([first], col_labels=[f"seed {seed + j}" for j in range(len(first))],
+                                  size=PREVIEW_SIZE).save(tmp / PREVIEW, quality=85)
                     (tmp / MANIFEST).write_text(json.dumps({
                         "class": key, "shift": shift_key, "prompt": shift.prompt, "caption": shift.caption,
                         "model": portable_base_model(spec.resolved().diffusion), "settings": cfg.__dict__,
                         "images": [{"seed": s.seed, "file": f"{s.seed}.png", "prompt": s.prompt, "text": s.text}
                                    for s in samples],
                     }, indent=2) + "\n")
-                counts.append(len(list(out.glob("*.png"))))
-                if len(grid) < 24:  # a preview, not the whole backfill
-                    grid.append([s.image for s in samples[:6]])
-                    labels.append(f"{key} / {shift_key}")
-                context.log.info(f"{key} / {shift_key}: {n} images {partition_progress(i, len(pairs))}")
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(storage.images_dir(*pairs[0], baseline) if len(pairs) == 1
-                                                  else storage.root)),
-                "prompt": by_key[pairs[0][1]].prompt if len(pairs) == 1 else f"{len(pairs)} partitions",
-                "num_images": sum(counts),
-                "thumbnails": dg.MetadataValue.md(image_grid_markdown(grid, labels, [f"seed {seed + j}" for j in range(min(n, 6))])),
-            },
-        )
+                rows.setdefault(pkey, []).append((shift_key, first))
+                context.log.info(f"{key} / {shift_key}: {n} images {partition_progress(i, len(work))}")
+                if i < len(work) and work[i][0] == pkey:
+                    continue  # the partition has more shifts to make
+                # Each partition's own record, also in a run over many partitions: a few hundred bytes.
+                made = rows.pop(pkey)
+                meta = {"num_images": n * len(made), "seeds": f"{seed}..{seed + n - 1}"}
+                if len(made) == 1:
+                    meta.update(path=dg.MetadataValue.path(str(out)), preview=dg.MetadataValue.path(str(out / PREVIEW)),
+                                prompt=shift.prompt)
+                else:  # the class grain: one sheet of the class, a row per shift
+                    sheet = out.parent / PREVIEW
+                    with atomic_path(sheet) as tmp:
+                        contact_sheet([im for _, im in made], [s for s, _ in made],
+                                      [f"seed {seed + j}" for j in range(len(made[0][1]))],
+                                      size=PREVIEW_SIZE // 2).save(tmp, format="JPEG", quality=85)
+                    meta.update(path=dg.MetadataValue.path(str(out.parent)), preview=dg.MetadataValue.path(str(sheet)),
+                                shifts=len(made))
+                context.add_asset_metadata(meta, partition_key=pkey)
+        if len(context.partition_keys) > 1:
+            context.log.info(f"{n * len(work)} images in {len(context.partition_keys)} partitions")
+        return dg.MaterializeResult()
 
     return counterfactuals
 
@@ -142,36 +156,36 @@ def refuse_failed_tokens(instance: dg.DagsterInstance, class_keys: list[str]) ->
             metadata={"blocked_classes": name_list(blocked), "blocked_count": len(blocked)})
 
 
-def count_check_results(storage: StorageResource, keys: list[str], expected: int, baseline: bool = False) -> dict:
-    """COUNT_CHECK of each partition (`class|shift`), from its folder: {key: (passed, metadata)}.
+def count_check_results(storage: StorageResource, keys: list[str], expected: int, baseline: bool = False,
+                        shift_keys: list[str] = ()) -> dict:
+    """COUNT_CHECK of each partition (`class|shift`, or a class at the class grain), from its
+    folders: {key: (passed, metadata)}.
 
     Passes when the manifest lists `expected` images, each of them is a non-empty file in the
-    folder, and the folder holds no other PNG.
+    folder, and the folder holds no other PNG (at the class grain: for every shift).
     """
     import json
 
-    out = {}
-    for key in keys:
-        class_key, shift = key.split("|")
+    def one(class_key: str, shift: str) -> tuple[bool, dict]:
         folder = storage.images_dir(class_key, shift, baseline)
         meta = {"path": dg.MetadataValue.path(str(folder)), "expected": expected}
         try:
             listed = [r["file"] for r in json.loads((folder / MANIFEST).read_text())["images"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             why = "no image folder" if not folder.is_dir() else f"unreadable {MANIFEST} ({exc.__class__.__name__})"
-            out[key] = (False, {**meta, "reason": why})
-            continue
+            return False, {**meta, "reason": why}
         present = sum(1 for f in listed if (folder / f).is_file() and (folder / f).stat().st_size > 0)
         pngs = sum(1 for _ in folder.glob("*.png"))
         ok = len(listed) == present == pngs == expected
-        out[key] = (ok, {**meta, "listed": len(listed), "present": present, "png_files": pngs,
-                         **({} if ok else {"reason": f"{MANIFEST} lists {len(listed)} images, {present} of them "
-                                                     f"present, {pngs} PNG files; expected {expected}"})})
-    return out
+        return ok, {**meta, "listed": len(listed), "present": present, "png_files": pngs,
+                    **({} if ok else {"reason": f"{MANIFEST} lists {len(listed)} images, {present} of them "
+                                                f"present, {pngs} PNG files; expected {expected}"})}
+
+    return by_partition(keys, shift_keys, one)
 
 
-def build_count_check(partitions_def, baseline: bool = False) -> dg.AssetChecksDefinition:
-    """COUNT_CHECK, per class x shift and blocking (the partition's scores wait for it)."""
+def build_count_check(partitions_def, baseline: bool = False, shift_keys: list[str] = ()) -> dg.AssetChecksDefinition:
+    """COUNT_CHECK, per partition and blocking (the partition's scores wait for it)."""
     asset = dg.AssetKey(BASELINE if baseline else "counterfactuals")
     with partitioned_checks():
         @dg.asset_check(asset=asset, name=COUNT_CHECK, blocking=True, partitions_def=partitions_def,
@@ -179,7 +193,7 @@ def build_count_check(partitions_def, baseline: bool = False) -> dg.AssetChecksD
                                     "its manifest (read from the image folder)")
         def count_check(context: dg.AssetCheckExecutionContext, storage: StorageResource, params: InterfaceParams):
             keys = run_partition_keys(context, partitions_def)
-            yield from emit(context, asset, COUNT_CHECK,
-                            count_check_results(storage, keys, params.generation.num_samples, baseline), blocking=True)
+            yield from emit(context, asset, COUNT_CHECK, count_check_results(
+                storage, keys, params.generation.num_samples, baseline, list(shift_keys)), blocking=True)
 
     return count_check

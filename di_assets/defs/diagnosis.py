@@ -43,7 +43,7 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
                   duckdb: DuckDBResource) -> dg.MaterializeResult:
         from pathlib import Path
 
-        from di_assets.ml.diagnosis import PREDICTIONS_DIR, create_views
+        from di_assets.ml.diagnosis import PREDICTIONS_DIR, create_views, storage_file
         from di_assets.ml.io import atomic_path, open_rgb
 
         from di_assets.ml.report import accuracy_chart, heatmap_chart, misclassified, worst_shifts, write_report
@@ -62,10 +62,10 @@ def build_diagnosis(classifier_names: list, code_version: str) -> dg.AssetsDefin
                 rows += [{"classifier": name, **r} for r in worst]
                 if worst:  # the worst shift's misclassified images, with the CLIP filter's verdict
                     shift = worst[0]["shift"]
+                    found = [(storage_file(root, m["image_path"]), m) for m in misclassified(con, name, shift, n=6)]
                     wrong[name] = (shift, [
-                        (open_rgb(root / m["image_path"]),
-                         f"{m['label']} → {m['top1']} ({'kept' if m['kept'] else 'dropped'})")
-                        for m in misclassified(con, name, shift, n=6) if (root / m["image_path"]).exists()])
+                        (open_rgb(path), f"{m['label']} → {m['top1']} ({'kept' if m['kept'] else 'dropped'})")
+                        for path, m in found if path is not None and path.is_file()])
                 png = accuracy_chart(con, name)
                 with atomic_path(root / "diagnosis" / f"accuracy-{name}.png") as tmp:
                     tmp.write_bytes(png)

@@ -19,6 +19,20 @@ ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "basel
          "baseline_scores", "scores_db"]
 # then the diagnosis: each classifier's predictions (named "<prefix>/<classifier>"), then its report
 DIAGNOSIS_ORDER = ["real_predictions", "predictions", "diagnosis"]
+# The most partitions one run materializes: large enough that a run's start-up is paid rarely, small
+# enough that a failed run loses little and its records are written as it goes.
+RUN_PARTITIONS = 1200
+
+
+def _runs_of(indices: list[int], most: int) -> list[tuple[int, int]]:
+    """Sorted indices as (first, last) runs of consecutive ones, each at most `most` long."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1 and i - runs[-1][0] < most:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def asset_order(defs: dg.Definitions) -> list[str]:
@@ -106,17 +120,42 @@ class LocalDriver:
         return self._def(a).partitions_def == self._def(b).partitions_def
 
     def _ranges(self, name: str, keys: set) -> list[tuple[str, str]]:
-        """Split requested keys into runs of consecutive keys (for class x shift: one class's row)."""
-        order = [str(k) for k in self._def(name).partitions_def.get_partition_keys(
-            dynamic_partitions_store=self.instance)]
-        wanted = sorted((order.index(str(k)) for k in keys))
-        runs, start = [], wanted[0]
-        for prev, cur in zip(wanted, wanted[1:] + [None]):
-            row_break = "|" in order[prev] and cur is not None and order[cur].split("|")[0] != order[prev].split("|")[0]
-            if cur != prev + 1 or row_break:
-                runs.append((order[start], order[prev]))
-                start = cur
-        return runs
+        """Split requested keys into ranges, each one run (its models load once).
+
+        Class x shift keys form rectangles (Dagster reads a multi-partition range as classes
+        first..last x shifts first..last): consecutive classes that want the same consecutive
+        shifts share one, up to RUN_PARTITIONS partitions. Keys are looked up in dicts: a tick
+        may request every partition of a thousand classes.
+        """
+        pdef = self._def(name).partitions_def
+        if isinstance(pdef, dg.MultiPartitionsDefinition):
+            return self._rectangles(pdef, keys)
+        order = [str(k) for k in pdef.get_partition_keys(dynamic_partitions_store=self.instance)]
+        at = {k: i for i, k in enumerate(order)}
+        return [(order[lo], order[hi]) for lo, hi in _runs_of(sorted(at[str(k)] for k in keys), RUN_PARTITIONS)]
+
+    def _rectangles(self, pdef: dg.MultiPartitionsDefinition, keys: set) -> list[tuple[str, str]]:
+        dims = {d.name: d.partitions_def for d in pdef.partitions_defs}
+        classes = list(self.instance.get_dynamic_partitions(CLASSES.name))
+        shifts = list(dims["shift"].get_partition_keys())
+        class_at, shift_at = {k: i for i, k in enumerate(classes)}, {k: i for i, k in enumerate(shifts)}
+        wanted: dict[int, list[int]] = {}
+        for key in keys:
+            c, s = str(key).split("|")
+            wanted.setdefault(class_at[c], []).append(shift_at[s])
+        # each class's shift runs; then consecutive classes with the same runs merge into rectangles
+        rows = [(ci, tuple(_runs_of(sorted(si), len(shifts)))) for ci, si in sorted(wanted.items())]
+        out, block = [], []
+        per_class = lambda runs: sum(hi - lo + 1 for lo, hi in runs)  # noqa: E731
+        for ci, runs in rows + [(None, ())]:
+            if block and (ci is None or ci != block[-1][0] + 1 or runs != block[-1][1]
+                          or (len(block) + 1) * per_class(runs) > RUN_PARTITIONS):
+                first, last, shift_runs = block[0][0], block[-1][0], block[0][1]
+                out += [(f"{classes[first]}|{shifts[lo]}", f"{classes[last]}|{shifts[hi]}") for lo, hi in shift_runs]
+                block = []
+            if ci is not None:
+                block.append((ci, runs))
+        return out
 
     def settle(self, max_ticks: int = 10) -> dict[str, set]:
         """Tick and execute until automation requests nothing more; return all it requested."""

@@ -1,4 +1,5 @@
-"""What a user sees in the UI: inline thumbnails and loss curves as Markdown images."""
+"""What a user sees in the UI: charts and thumbnails as Markdown images, for one-record (unpartitioned)
+assets only; a partition's record links its pictures as files instead."""
 
 from __future__ import annotations
 
@@ -10,19 +11,6 @@ def _data_uri(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def image_grid_markdown(rows, row_labels, col_labels, size: int = 96) -> str:
-    """A grid of thumbnails (for counterfactuals: one row per shift, one column per sample)."""
-    def thumb(im):
-        im = im.copy()
-        im.thumbnail((size, size))
-        return f"![]({_data_uri(im)})"
-
-    width = max(len(r) for r in rows)
-    lines = ["| | " + " | ".join(col_labels[:width]) + " |", "|---|" + "---|" * width]
-    lines += [f"| **{label}** | " + " | ".join(thumb(im) for im in r) + " |" for label, r in zip(row_labels, rows)]
-    return "\n".join(lines)
 
 
 def png_markdown(png: bytes, alt: str) -> str:

@@ -29,11 +29,21 @@ def missing_or_changed(deps_updated: bool = True) -> dg.AutomationCondition:
             ).with_label("missing, or upstream or code changed" if deps_updated else "missing, or code changed")
 
 
-def class_and_shift_keys(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
-    """(class, shift) of every partition in this run: one key, or a range (single-run backfill)."""
-    out = []
-    for key in context.partition_keys:
-        dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else dict(
-            zip(("class", "shift"), str(key).split("|")))
-        out.append((dims["class"], dims["shift"]))
-    return out
+def interface_partitions(shift_keys: list[str], grain: str = "class_shift") -> dg.PartitionsDefinition:
+    """The partitions of counterfactuals, scores and predictions: class x shift, or class only."""
+    return CLASSES if grain == "class" else class_shift_partitions(shift_keys)
+
+
+def pairs_of(key: str, shift_keys: list[str]) -> list[tuple[str, str]]:
+    """The (class, shift) pairs that one partition makes: `class|shift` one, a class key every shift."""
+    if "|" in key:
+        class_key, shift = key.split("|")
+        return [(class_key, shift)]
+    return [(key, s) for s in shift_keys]
+
+
+def partition_pairs(context: dg.AssetExecutionContext, shift_keys: list[str]) -> list[tuple[str, str, str]]:
+    """(partition key, class, shift) of every pair this run makes, partition by partition: one key,
+    or a range (single-run backfill); at the class grain a partition makes all its class's shifts."""
+    return [(str(key), c, s) for key in context.partition_keys for c, s in pairs_of(str(key), shift_keys)]
+

@@ -14,7 +14,7 @@ from .class_images import class_images
 from .executors import gpu_tags
 from .progress import partition_progress
 from .metadata import table_schema
-from .partitions import CLASSES, OWNERS, class_and_shift_keys, missing_or_changed
+from .partitions import CLASSES, OWNERS, missing_or_changed, partition_pairs
 from .resources import ModelResource, StorageResource
 
 PREDICTIONS = "predictions"
@@ -50,12 +50,6 @@ def _load(spec, storage: StorageResource, device: str):
     return clf, classes, targets
 
 
-def _mapping_preview(clf, targets: dict, keys) -> dg.MetadataValue:
-    rows = [dg.TableRecord({"class": k, "label": clf.labels[targets[k]]}) for k in list(dict.fromkeys(keys))[:50]]
-    return dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=[
-        dg.TableColumn("class", "string"), dg.TableColumn("label", "string")]))
-
-
 def _asset_args(code_version: str) -> dict:
     """What both assets of a classifier share: a GPU step, one run over many partitions, and
     automation that also runs a classifier added or changed in the settings."""
@@ -64,7 +58,9 @@ def _asset_args(code_version: str) -> dict:
                 backfill_policy=dg.BackfillPolicy.single_run())
 
 
-def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefinition:
+def build_predictions(spec, partitions_def, code_version: str, shift_keys: list[str] = ()) -> dg.AssetsDefinition:
+    shift_keys = list(shift_keys)
+
     @dg.asset(
         key=prediction_key(spec.name),
         partitions_def=partitions_def,
@@ -84,30 +80,35 @@ def build_predictions(spec, partitions_def, code_version: str) -> dg.AssetsDefin
         from di_assets.ml.diagnosis import predict_partition, predictions_file
         from di_assets.ml.io import atomic_path
 
-        pairs = class_and_shift_keys(context)
+        work = partition_pairs(context, shift_keys)
         with models.leased_spec() as mspec:
             clf, classes, targets = _load(spec, storage, mspec.device)
-            total = correct = kept_total = kept_correct = 0
-            for i, (key, shift) in enumerate(pairs, 1):
+            acc: dict[str, list[int]] = {}  # the partition's rows, correct, kept, kept and correct so far
+            for i, (pkey, key, shift) in enumerate(work, 1):
                 table = predict_partition(clf, storage.root, key, classes[key].name, shift, targets[key])
                 table = table.append_column("created_at", pa.array([datetime.now(timezone.utc)] * table.num_rows,
                                                                     pa.timestamp("us", tz="UTC")))
                 with atomic_path(predictions_file(storage.root, spec.name, key, shift)) as tmp:
                     pq.write_table(table, tmp)
                 right, kept = table.column("correct1").to_pylist(), table.column("kept").to_pylist()
-                total += table.num_rows
-                correct += sum(right)
-                kept_total += sum(kept)
-                kept_correct += sum(c and k for c, k in zip(right, kept))
+                part = acc.setdefault(pkey, [0, 0, 0, 0])
+                part[0] += table.num_rows
+                part[1] += sum(right)
+                part[2] += sum(kept)
+                part[3] += sum(c and k for c, k in zip(right, kept))
                 context.log.info(f"{spec.name}: {key} / {shift}: {sum(right)}/{table.num_rows} correct "
-                                 f"{partition_progress(i, len(pairs))}")
-        return dg.MaterializeResult(metadata={
-            "dagster/row_count": total,
-            "accuracy": correct / total if total else float("nan"),
-            "accuracy_kept": kept_correct / kept_total if kept_total else float("nan"),
-            "kept": kept_total,
-            "class_to_label": _mapping_preview(clf, targets, [k for k, _ in pairs]),
-        })
+                                 f"{partition_progress(i, len(work))}")
+                if i < len(work) and work[i][0] == pkey:
+                    continue  # the partition has more shifts
+                # each partition's own record, also in a run over many partitions
+                total, correct, kept_total, kept_correct = acc.pop(pkey)
+                context.add_asset_metadata({
+                    "dagster/row_count": total,
+                    "accuracy": correct / total if total else float("nan"),
+                    "accuracy_kept": kept_correct / kept_total if kept_total else float("nan"),
+                    "kept": kept_total, "label": clf.labels[targets[key]],
+                }, partition_key=pkey)
+        return dg.MaterializeResult()
 
     return predictions
 
@@ -131,7 +132,6 @@ def build_real_predictions(spec, code_version: str) -> dg.AssetsDefinition:
         keys = [str(k) for k in context.partition_keys]
         with models.leased_spec() as mspec:
             clf, classes, targets = _load(spec, storage, mspec.device)
-            total = correct = 0
             for key in keys:
                 folder = classes[key].path
                 files, images = load_class_images(folder, with_files=True)
@@ -140,11 +140,12 @@ def build_real_predictions(spec, code_version: str) -> dg.AssetsDefinition:
                 table = prediction_table(cols, classifier=spec.name, class_key=key, class_name=classes[key].name)
                 with atomic_path(real_predictions_file(storage.root, spec.name, key)) as tmp:
                     pq.write_table(table, tmp)
-                total += len(images)
-                correct += sum(cols["correct1"])
-        return dg.MaterializeResult(metadata={
-            "dagster/row_count": total, "accuracy": correct / total if total else float("nan"),
-            "class_to_label": _mapping_preview(clf, targets, keys),
-        })
+                # each class's own record, also in a run over many classes
+                context.add_asset_metadata({
+                    "dagster/row_count": len(images),
+                    "accuracy": sum(cols["correct1"]) / len(images) if images else float("nan"),
+                    "label": clf.labels[targets[key]],
+                }, partition_key=key)
+        return dg.MaterializeResult()
 
     return real_predictions

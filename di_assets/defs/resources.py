@@ -65,13 +65,6 @@ class StorageResource(dg.ConfigurableResource):
     def scores_file(self, key: str, shift: str, baseline: bool = False) -> Path:
         return self.variant_root(baseline) / "scores" / f"class={key}" / f"shift={shift}" / "part.parquet"
 
-    def scores_glob_of(self, baseline: bool = False) -> str:
-        return str(self.variant_root(baseline) / "scores" / "*" / "*" / "*.parquet")
-
-    @property
-    def scores_glob(self) -> str:
-        return self.scores_glob_of(False)
-
     @property
     def scores_db(self) -> Path:
         return Path(self.root) / "scores.duckdb"

@@ -6,12 +6,16 @@ from dagster_duckdb import DuckDBResource
 from .checks import emit, failed_summary, name_list
 from .clip_scores import score_schema
 from .metadata import png_markdown, table_schema
-from .partitions import CLASSES, OWNERS
-from .resources import StorageResource
+from .partitions import CLASSES, OWNERS, pairs_of
+from .resources import BASELINE_DIR, StorageResource
 from .versions import SCORES_DB_CODE
 
 SCORES_DB = dg.AssetKey("scores_db")
 ROWS_CHECK = "rows_match_score_files"
+# The score files the views read, relative to the storage root: every connection resolves them against the
+# root the database is in (ml.diagnosis.use_storage_root), so a copied or moved root reads its own files.
+SCORES_GLOB = "scores/*/*/*.parquet"
+BASELINE_SCORES_GLOB = f"{BASELINE_DIR}/{SCORES_GLOB}"
 
 VIEWS = {
     # One row per image; `class` and `shift` also come from the Hive folder names.
@@ -87,6 +91,7 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
                   duckdb: DuckDBResource) -> dg.MaterializeResult:
         from pathlib import Path
 
+        from di_assets.ml.diagnosis import use_storage_root
         from di_assets.ml.report import score_chart
 
         if not list(Path(storage.root).glob("scores/*/*/*.parquet")):
@@ -94,9 +99,9 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
         chosen = dict(VIEWS)
         if baseline and list(storage.variant_root(True).glob("scores/*/*/*.parquet")):
             chosen.update(BASELINE_VIEWS)
-        globs = {"glob": storage.scores_glob.replace("'", "''"),
-                 "baseline_glob": storage.scores_glob_of(True).replace("'", "''")}
+        globs = {"glob": SCORES_GLOB, "baseline_glob": BASELINE_SCORES_GLOB}  # no absolute path in the file
         with duckdb.get_connection() as con:
+            use_storage_root(con, storage.root)
             con.execute("BEGIN TRANSACTION")  # readers see the old views or the new ones, never a mix
             for name, sql in chosen.items():
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(**globs)}")
@@ -130,9 +135,12 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     import duckdb
     import pyarrow.parquet as pq
 
+    from di_assets.ml.diagnosis import use_storage_root
+
     classes, shifts = set(instance.get_dynamic_partitions(CLASSES.name)), set(shift_keys)
-    expected = {k for k in instance.get_materialized_partitions(dg.AssetKey("clip_scores"))
-                if k.count("|") == 1 and k.split("|")[0] in classes and k.split("|")[1] in shifts}
+    # a class x shift partition holds its pair; a class partition (the class grain) every shift
+    expected = {f"{c}|{s}" for k in instance.get_materialized_partitions(dg.AssetKey("clip_scores"))
+                for c, s in pairs_of(k, shift_keys) if c in classes and s in shifts}
     files = {}  # what the view reads (its glob), by partition
     for path in sorted(Path(storage.root).glob("scores/*/*/*.parquet")):
         files.setdefault(f"{path.parent.parent.name.removeprefix('class=')}|{path.parent.name.removeprefix('shift=')}",
@@ -150,10 +158,11 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     try:
         con = duckdb.connect(str(storage.scores_db), read_only=True)
         try:
+            use_storage_root(con, storage.root)
             db_rows = con.execute("SELECT count(*) FROM scores").fetchone()[0]  # from the Parquet metadata
         finally:
             con.close()
-    except (duckdb.Error, OSError) as exc:  # no database, no view, or a file the view cannot read
+    except (duckdb.Error, OSError, ValueError) as exc:  # no database or view, a file it cannot read, a bad root
         return False, {**meta, **failed_summary(sorted({*missing, *extra, *unreadable}), len(expected)),
                        "reason": f"cannot count the scores view: {str(exc).splitlines()[0][:200]}"}
     meta["db_rows"] = db_rows

@@ -9,6 +9,7 @@ shifts break which classifier, with 95% intervals, over the Parquet files the fl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -16,8 +17,49 @@ from .io import read_counterfactuals
 
 PREDICTIONS_DIR = "predictions"  # predictions/classifier=<m>/class=<c>/shift=<s>/part.parquet
 REAL_PREDICTIONS_DIR = "real_predictions"  # real_predictions/classifier=<m>/class=<c>/part.parquet
+# What the views read, relative to the storage root (see use_storage_root): a copied root reads its own files.
+PREDICTIONS_GLOB = f"{PREDICTIONS_DIR}/*/*/*/*.parquet"
+REAL_PREDICTIONS_GLOB = f"{REAL_PREDICTIONS_DIR}/*/*/*.parquet"
+BASELINE_DIR = "baseline"  # the class-name baseline's images and scores (as defs.resources.BASELINE_DIR)
 TOP_K = 5
 Z = 1.96  # 95% intervals
+
+
+def use_storage_root(con, root: str | Path) -> str:
+    """Resolve `con`'s relative file paths (those in the views of scores.duckdb) against the storage
+    root `root`, so that a copied or moved root reads its own Parquet files; return the root's
+    absolute path. DuckDB's `file_search_path` is a comma-separated list, so a root whose path holds
+    a comma is one clear error."""
+    path = os.path.abspath(root)
+    if "," in path:
+        raise ValueError(f"the storage root {path} has a comma in its path, which DuckDB cannot search for the "
+                         "views' files; move it (or link it) to a path without one")
+    con.execute("SET file_search_path = ?", [path])
+    return path
+
+
+def storage_file(root: str | Path, path) -> Path | None:
+    """A file path stored in a table (image_path: relative to the storage root) as a path under `root`.
+
+    An absolute path, as older score files hold, is used as it is when it lies in `root`; one from
+    another root (the original of a copied folder) maps to the same file in `root`
+    (`[baseline/]images/<class>/<shift>/<file>`), so a copy never reads the original's files.
+    None for an empty path, a `..` component, or an absolute path that maps to no file in `root`."""
+    if not path:
+        return None
+    root, p = Path(root), Path(str(path))
+    if ".." in p.parts:
+        return None
+    if not p.is_absolute():
+        return root / p
+    base = os.path.abspath(root)
+    if os.path.commonpath([base, os.path.abspath(p)]) == base:
+        return p
+    parts, i = p.parts, len(p.parts) - 4  # ends in images/<class>/<shift>/<file>
+    if i < 1 or parts[i] != "images":
+        return None
+    tails = ([parts[i - 1:]] if parts[i - 1] == BASELINE_DIR else []) + [parts[i:]]
+    return next((root.joinpath(*t) for t in tails if root.joinpath(*t).is_file()), None)
 
 
 def predictions_file(root: str | Path, classifier: str, class_key: str, shift: str) -> Path:
@@ -165,10 +207,10 @@ NO_REAL_PREDICTIONS = """
 
 
 def views(root: str | Path) -> dict[str, str]:
-    """name -> SELECT of each diagnosis view, in creation order."""
+    """name -> SELECT of each diagnosis view, in creation order. Their files are relative to the
+    storage root `root` (a connection resolves them with use_storage_root)."""
     root = Path(root)
-    glob = str(root / PREDICTIONS_DIR / "*" / "*" / "*" / "*.parquet").replace("'", "''")
-    real_glob = str(root / REAL_PREDICTIONS_DIR / "*" / "*" / "*.parquet").replace("'", "''")
+    glob, real_glob = PREDICTIONS_GLOB, REAL_PREDICTIONS_GLOB  # relative: see use_storage_root
     cd_low, cd_high = _newcombe("b.accuracy", "b.ci_low", "b.ci_high", "s.accuracy", "s.ci_low", "s.ci_high")
     sf_low, sf_high = _newcombe("base_accuracy", "base_low", "base_high", "accuracy", "acc_low", "acc_high")
     return {
@@ -235,7 +277,11 @@ def views(root: str | Path) -> dict[str, str]:
 
 
 def create_views(con, root: str | Path) -> None:
-    """Create (or replace) the diagnosis views in one transaction: readers see all or none."""
+    """Create (or replace) the diagnosis views in one transaction: readers see all or none.
+
+    The views read their files relative to `root`; this sets `con`'s file_search_path to it
+    (use_storage_root), as every later connection that queries them must."""
+    use_storage_root(con, root)
     con.execute("BEGIN TRANSACTION")
     for name, sql in views(root).items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")

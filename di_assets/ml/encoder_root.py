@@ -261,17 +261,41 @@ def root_marker(encoder_root) -> Path:
 
 def read_tokens(encoder_root) -> dict:
     """`tokens.json` of a root; for a root in the paper's format, the same fields read from it."""
+    return copy.deepcopy(_parsed_tokens(*_marker_version(encoder_root)))
+
+
+def _marker_version(encoder_root) -> tuple[str, int, int]:
     marker = root_marker(encoder_root)
-    if marker.name == PAPER_TOKENS_FILE:
+    st = marker.stat()  # the root is replaced atomically: a new version is a new inode
+    return str(marker.resolve()), st.st_ino, st.st_mtime_ns
+
+
+# Parsed and indexed once per version of the file (path, inode, modification time): a run over many
+# classes looks a class up once per partition, and must not re-read an N-class index each time.
+@functools.lru_cache(maxsize=8)
+def _parsed_tokens(marker: str, inode: int, mtime_ns: int) -> dict:
+    path = Path(marker)
+    if path.name == PAPER_TOKENS_FILE:
         from .paper_format import read_paper_root
 
-        return read_paper_root(encoder_root)
-    return json.loads(marker.read_text())
+        return read_paper_root(path.parent)
+    return json.loads(path.read_text())
+
+
+@functools.lru_cache(maxsize=8)
+def _class_index(marker: str, inode: int, mtime_ns: int) -> tuple[tuple[ClassToken, ...], dict]:
+    """The root's classes, and a lookup by index, and by key, else name, else token."""
+    classes = tuple(ClassToken(e["index"], e["key"], e["name"], e["token"], tuple(e["token_ids"]),
+                               e.get("embeds_sha", "")) for e in _parsed_tokens(marker, inode, mtime_ns)["classes"])
+    lookup: dict = {}
+    for field in ("token", "name", "key"):  # later fields win; within one, the first class wins
+        lookup.update({(0, getattr(ct, field)): ct for ct in reversed(classes)})
+    lookup.update({(1, ct.index): ct for ct in reversed(classes)})
+    return classes, lookup
 
 
 def class_tokens(encoder_root) -> list[ClassToken]:
-    return [ClassToken(e["index"], e["key"], e["name"], e["token"], tuple(e["token_ids"]), e.get("embeds_sha", ""))
-            for e in read_tokens(encoder_root)["classes"]]
+    return list(_class_index(*_marker_version(encoder_root))[0])
 
 
 def resolve_class(encoder_root, c) -> ClassToken:
@@ -280,20 +304,17 @@ def resolve_class(encoder_root, c) -> ClassToken:
     A str is never read as an index: class folders named `0`, `1`, ... `11` have those keys,
     and their indices follow another order.
     """
-    classes = class_tokens(encoder_root)
+    classes, lookup = _class_index(*_marker_version(encoder_root))
     if isinstance(c, numbers.Integral) and not isinstance(c, bool):
         i = int(c)
-        for ct in classes:
-            if ct.index == i:
-                return ct
+        if (1, i) in lookup:
+            return lookup[(1, i)]
         raise IndexError(f"no class with index {i}: the encoder root has {len(classes)} classes "
                          f"(indices {', '.join(str(ct.index) for ct in classes[:20])})")
     if not isinstance(c, str):
         raise TypeError(f"a class is an index (int) or a key, name or token (str); got {type(c).__name__} {c!r}")
-    for field in ("key", "name", "token"):
-        for ct in classes:
-            if getattr(ct, field) == c:
-                return ct
+    if (0, c) in lookup:
+        return lookup[(0, c)]
     hint = "; a str is a key, not an index: pass int(...) for an index" if c.strip().isdigit() else ""
     raise KeyError(f"no class {c!r} in {encoder_root}; known keys: {', '.join(ct.key for ct in classes[:20])}{hint}")
 

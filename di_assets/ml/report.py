@@ -406,14 +406,13 @@ figcaption{margin-top:4px;word-wrap:break-word}
 
 
 def _safe_image_file(root: Path, rel) -> Path | None:
-    """storage_root/rel, refusing absolute paths and `..` components."""
-    if not rel:
-        return None
-    rel_path = Path(str(rel))
-    if rel_path.is_absolute() or ".." in rel_path.parts:
-        return None
-    p = root / rel_path
-    return p if p.is_file() else None
+    """The image file under the storage root: `rel` resolved against `root` (an older absolute path in
+    `root`, or one of another root mapped into this one; see diagnosis.storage_file), refusing `..`
+    components and files outside the root."""
+    from .diagnosis import storage_file
+
+    p = storage_file(root, rel)
+    return p if p is not None and p.is_file() else None
 
 
 def _thumbnail_uri(path: Path) -> str | None:
@@ -541,8 +540,10 @@ def _strip(con, root: Path, clf: str, shift: str) -> str:
     return '<div class="strip">' + "".join(figs) + "</div>"
 
 
-def render_html(con, storage_root: str | Path, title: str = "di-assets diagnosis") -> str:
-    """One self-contained HTML page (charts and thumbnails as base64 data URIs, inline CSS)."""
+def render_html(con, storage_root: str | Path, title: str = "di-assets diagnosis", root_label: str | None = None) -> str:
+    """One self-contained HTML page (charts and thumbnails as base64 data URIs, inline CSS).
+
+    The page names the storage root as `root_label` (default: its path)."""
     root = Path(storage_root)
     classifiers = _classifiers(con)
     anchors = {c: f"clf-{i}" for i, c in enumerate(classifiers)}
@@ -553,7 +554,7 @@ def render_html(con, storage_root: str | Path, title: str = "di-assets diagnosis
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">Generated {_e(now)} from storage root <code>{_e(os.fspath(root))}</code>. '
+        f'<p class="meta">Generated {_e(now)} from storage root <code>{_e(root_label or os.fspath(root))}</code>. '
         "Accuracies are top-1 over the generated images kept by the CLIP filter; intervals are 95%; "
         "a drop is significant when its interval lies above 0.</p>",
     ]
@@ -584,11 +585,16 @@ def render_html(con, storage_root: str | Path, title: str = "di-assets diagnosis
 
 
 def write_report(con, storage_root, out_path, title: str = "di-assets diagnosis") -> Path:
-    """Render the report and write it atomically to `out_path`; return that path."""
+    """Render the report and write it atomically to `out_path`; return that path.
+
+    A report inside the storage root names the root by its folder name only, so that no file of a
+    copied or moved root holds the original's path."""
     from di_assets.ml.io import atomic_path
 
-    text = render_html(con, storage_root, title=title)
     out = Path(out_path)
+    root = Path(os.path.abspath(storage_root))
+    inside = os.path.commonpath([root, os.path.abspath(out)]) == str(root)
+    text = render_html(con, storage_root, title=title, root_label=root.name if inside else None)
     with atomic_path(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return out

@@ -1,0 +1,219 @@
+"""Each partition's own record, also when one run makes many partitions; small records; the class grain.
+
+One run trains two classes, one run makes and scores a 2 x 2 rectangle of class x shift partitions:
+every partition's record must hold its own numbers and link its own pictures, a few hundred bytes.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from di_assets.defs import CLASSES, build_assets, build_resources
+from di_assets.defs.counterfactuals import count_check_results
+from di_assets.defs.driver import RUN_PARTITIONS, LocalDriver, _runs_of
+from di_assets.ml.shifts import select_shifts
+from di_assets.settings import Settings, SettingsError
+from di_assets_tests.conftest import copy_classes
+
+SHIFTS = ["base", "in_the_snow"]
+N = 3
+CLASS_KEYS = ["circle", "square"]
+
+
+def _range(first: str, last: str) -> dict:
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+
+
+def _record_bytes(event) -> int:
+    from dagster._serdes import serialize_value
+
+    return len(serialize_value(event))
+
+
+@pytest.fixture(scope="module", params=["class_shift", "class"])
+def ranged(request, tmp_path_factory):
+    """The flow at one grain, each stage over all its partitions in one run."""
+    grain = request.param
+    tmp = tmp_path_factory.mktemp(f"ranged_{grain}")
+    data = copy_classes(tmp / "data", CLASS_KEYS, per_class=4)
+    settings = Settings.load(dataset=str(data), storage=str(tmp / "store"), shifts=SHIFTS, partition_grain=grain,
+                             textual_inversion={"steps": 8}, generation={"num_samples": N}, classifiers=[])
+    assets, resources = build_assets(settings), build_resources(settings)
+    (tmp / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp / "home")) as instance:
+        instance.add_dynamic_partitions(CLASSES.name, CLASS_KEYS)
+        runs = [dg.materialize(assets, selection=["class_token"], instance=instance, resources=resources,
+                               tags=_range(*CLASS_KEYS)),
+                dg.materialize(assets, selection=["encoder_root"], instance=instance, resources=resources)]
+        first, last = ((f"{CLASS_KEYS[0]}|{SHIFTS[0]}", f"{CLASS_KEYS[-1]}|{SHIFTS[-1]}") if grain == "class_shift"
+                       else (CLASS_KEYS[0], CLASS_KEYS[-1]))
+        runs.append(dg.materialize(assets, selection=["counterfactuals", "clip_scores"], instance=instance,
+                                   resources=resources, tags=_range(first, last)))
+        runs.append(dg.materialize(assets, selection=["scores_db"], instance=instance, resources=resources))
+        yield grain, settings, runs, instance
+
+
+def _latest(instance, asset: str) -> dict:
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=100).records
+    out = {}
+    for r in records:  # newest first
+        out.setdefault(r.asset_materialization.partition, r.asset_materialization)
+    return out
+
+
+def test_every_stage_ran_as_one_run_and_passed_its_checks(ranged):
+    grain, _, runs, _ = ranged
+    assert all(r.success for r in runs)
+    evaluations = [e for r in runs for e in r.get_asset_check_evaluations()]
+    partitions = 4 if grain == "class_shift" else 2
+    # tokens (2), the encoder root, count and range per partition, scores_db
+    assert len(evaluations) == 2 + 1 + 2 * partitions + 1
+    assert all(e.passed for e in evaluations)
+
+
+def test_each_token_partition_has_its_own_loss_and_chart(ranged):
+    _, settings, _, instance = ranged
+    tokens = _latest(instance, "class_token")
+    assert sorted(tokens) == CLASS_KEYS
+    for key, m in tokens.items():
+        assert m.metadata["token"].value == f"<{key}>"
+        losses = json.loads((Path(settings.storage) / "tokens" / key / "loss.json").read_text())["losses"]
+        tail = losses[-max(1, len(losses) // 10):]
+        assert m.metadata["final_loss"].value == pytest.approx(sum(tail) / len(tail))
+        chart = Image.open(m.metadata["loss_curve"].value)
+        assert chart.width > 500 and m.metadata["loss_curve"].value.endswith(f"tokens/{key}/loss.png")
+    assert tokens["circle"].metadata["final_loss"].value != tokens["square"].metadata["final_loss"].value
+
+
+def test_each_counterfactual_partition_shows_its_own_images(ranged):
+    grain, settings, _, instance = ranged
+    store = Path(settings.storage)
+    shifts = {s.key: s for s in select_shifts(SHIFTS)}
+    records = _latest(instance, "counterfactuals")
+    expected = [f"{c}|{s}" for c in CLASS_KEYS for s in SHIFTS] if grain == "class_shift" else CLASS_KEYS
+    assert sorted(records) == sorted(expected)
+    for key, m in records.items():
+        class_key = key.split("|")[0]
+        preview = Image.open(m.metadata["preview"].value).convert("RGB")
+        if grain == "class_shift":
+            shift = key.split("|")[1]
+            assert m.metadata["prompt"].value == shifts[shift].prompt
+            assert m.metadata["num_images"].value == N
+            folder = store / "images" / class_key / shift
+            assert Path(m.metadata["preview"].value) == folder / "preview.jpg"
+            # the preview's first cell is this partition's first image (JPEG: close, not equal)
+            cell = np.asarray(preview.crop((0, 26, 128, 26 + 128)).resize((32, 32)), dtype=float)
+            own = np.asarray(Image.open(folder / "0.png").convert("RGB").resize((32, 32)), dtype=float)
+            other = np.asarray(Image.open(store / "images" / ("square" if class_key == "circle" else "circle")
+                                          / shift / "0.png").convert("RGB").resize((32, 32)), dtype=float)
+            assert np.abs(cell - own).mean() < 12 < np.abs(cell - other).mean()
+        else:
+            assert m.metadata["num_images"].value == N * len(SHIFTS) and m.metadata["shifts"].value == len(SHIFTS)
+            assert Path(m.metadata["preview"].value) == store / "images" / class_key / "preview.jpg"
+            assert preview.height >= 64 * len(SHIFTS)  # a row per shift
+            assert all(len(list((store / "images" / class_key / s).glob("*.png"))) == N for s in SHIFTS)
+
+
+def test_each_score_partition_carries_its_own_numbers(ranged):
+    grain, settings, _, instance = ranged
+    records = _latest(instance, "clip_scores")
+    assert len({round(m.metadata["mean_sim_class"].value, 6) for m in records.values()}) == len(records)
+    for key, m in records.items():
+        class_key = key.split("|")[0]
+        shifts = [key.split("|")[1]] if "|" in key else SHIFTS
+        table = pq.read_table(Path(settings.storage) / "scores" / f"class={class_key}" / f"shift={shifts[0]}"
+                              / "part.parquet") if len(shifts) == 1 else None
+        sims = []
+        for s in shifts:
+            t = pq.read_table(Path(settings.storage) / "scores" / f"class={class_key}" / f"shift={s}" / "part.parquet")
+            sims += t.column("sim_class").to_pylist()
+        assert m.metadata["dagster/row_count"].value == len(sims) == N * len(shifts)
+        assert m.metadata["mean_sim_class"].value == pytest.approx(sum(sims) / len(sims), abs=1e-6)
+        assert m.metadata["kept"].value + m.metadata["dropped"].value == len(sims)
+        if table is not None:
+            assert m.metadata["kept"].value == sum(table.column("kept").to_pylist())
+
+
+def test_partition_records_are_small(ranged):
+    _, _, _, instance = ranged
+    for asset in ("class_token", "counterfactuals", "clip_scores"):
+        for key, m in _latest(instance, asset).items():
+            size = _record_bytes(m)
+            assert size < 3000, f"{asset} {key}: {size} bytes"  # most of it Dagster's own tags
+            assert "base64" not in json.dumps({k: str(v.value) for k, v in m.metadata.items()})
+
+
+def test_the_views_and_their_row_check_hold_every_pair(ranged):
+    import duckdb
+
+    _, settings, runs, _ = ranged
+    (rows_check,) = runs[-1].get_asset_check_evaluations()
+    assert rows_check.passed and rows_check.metadata["partitions"].value == len(CLASS_KEYS) * len(SHIFTS)
+    # the project's DuckDB resource (what a user's asset gets) resolves the relative views at the root
+    with build_resources(settings)["duckdb"].get_connection() as con:
+        assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == len(CLASS_KEYS) * len(SHIFTS) * N
+    assert "scores/*/*/*.parquet" in duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True).execute(
+        "SELECT sql FROM duckdb_views() WHERE view_name = 'scores'").fetchone()[0]
+
+
+def test_a_class_partition_fails_its_count_check_naming_the_shift(ranged, tmp_path):
+    import shutil
+
+    grain, settings, _, _ = ranged
+    if grain != "class":
+        pytest.skip("the class grain's check")
+    resources = build_resources(settings)
+    store = Path(settings.storage)
+    victim = store / "images" / "square" / "in_the_snow" / "1.png"
+    shutil.copy(victim, tmp_path / "keep.png")
+    victim.unlink()
+    try:
+        results = count_check_results(resources["storage"], CLASS_KEYS, N, shift_keys=SHIFTS)
+    finally:
+        shutil.copy(tmp_path / "keep.png", victim)
+    assert results["circle"][0] and not results["square"][0]
+    assert results["square"][1]["failed_shifts"] == "in_the_snow"
+    assert results["square"][1]["reason"].startswith("in_the_snow: manifest.json lists 3 images, 2 of them present")
+
+
+def test_a_grain_that_does_not_exist_is_one_line():
+    with pytest.raises(SettingsError, match="partition_grain: should be one of class_shift, class, got 'shift'"):
+        Settings.load(partition_grain="shift")
+
+
+def test_runs_of_consecutive_indices():
+    assert _runs_of([0, 1, 2, 4, 5, 7], 10) == [(0, 2), (4, 5), (7, 7)]
+    assert _runs_of([0, 1, 2, 3, 4], 2) == [(0, 1), (2, 3), (4, 4)]
+
+
+def test_the_driver_runs_whole_rows_of_classes_as_rectangles(tmp_path):
+    """A tick's class x shift requests become few ranges (Dagster reads a multi-partition range as a
+    rectangle), never one that holds a partition nobody asked for, and lookups stay linear."""
+    from di_assets.defs import build_defs
+
+    keys = [f"c{i:03d}" for i in range(300)]
+    shifts = [s.key for s in select_shifts(None)][:6]
+    settings = Settings.load(dataset=str(copy_classes(tmp_path / "data", ["circle"])), storage=str(tmp_path / "s"),
+                             shifts=shifts, classifiers=[])
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        instance.add_dynamic_partitions(CLASSES.name, keys)
+        driver = LocalDriver(build_defs(settings), instance)
+        pdef = driver._def("counterfactuals").partitions_def
+        # every shift of every class, except two shifts of c100 and the classes from c200 on wanting only base
+        wanted = {f"{c}|{s}" for c in keys for s in shifts
+                  if not (c == "c100" and s in shifts[2:4]) and (c < "c200" or s == "base")}
+        ranges = driver._ranges("counterfactuals", wanted)
+        covered = []
+        for first, last in ranges:
+            covered += [str(k) for k in pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last),
+                                                                            dynamic_partitions_store=instance)]
+        assert sorted(covered) == sorted(wanted) and len(covered) == len(set(covered))
+        assert len(ranges) <= 6
+        assert all(len(pdef.get_partition_keys_in_range(dg.PartitionKeyRange(*r), dynamic_partitions_store=instance))
+                   <= RUN_PARTITIONS for r in ranges)
