@@ -232,7 +232,7 @@ def _preflight(settings) -> None:
 
 def _check_class_folders(dataset: str) -> None:
     """Each class folder and its files can be read, and it holds an image (the first one that opens:
-    cheap next to the content hash that the observation computes over every byte). An empty or
+    cheap next to the content hash that the observation computes of a changed folder). An empty or
     unreadable folder would otherwise fail a stage later, under a page of Dagster's stack."""
     from di_assets.ml.classes import discover_classes
 
@@ -326,6 +326,10 @@ def cmd_update(args) -> int:
 
     settings = _settings(args)
     storage = Path(settings.storage)
+    if args.full:  # the observation reads it (di_assets.ml.observe), in this process
+        from di_assets.ml.observe import FULL_ENV
+
+        os.environ[FULL_ENV] = "1"
     log_file = storage / "logs" / f"update-{time.strftime('%Y%m%d-%H%M%S')}.log"
     driver = LocalDriver(build_defs(settings), _instance(storage),
                          run_loggers(log_file, args.verbose, log_level=args.log_level, bar=False),
@@ -549,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dataset", help="class-image folder (ImageFolder layout)")
     u.add_argument("--verbose", action="store_true", help="show every log line of the runs on the terminal")
     u.add_argument("--log-level", default="INFO", help="with --verbose, the console's log level (default: INFO)")
+    u.add_argument("--full", action="store_true",
+                   help="hash every class folder again (by default only folders whose listing changed: names, "
+                        "sizes, times)")
     u.set_defaults(func=cmd_update)
 
     q = sub.add_parser("query", help="run SQL over the scores in DuckDB",

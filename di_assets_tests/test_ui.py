@@ -523,6 +523,8 @@ def test_materialize_from_the_ui(ui, dagster_ui):
     assert "circle|at_night" in text and "kept_fraction" in text and "a photo at night" in text
     if "dropped_preview" in text:
         assert "scores/class=circle/shift=at_night/dropped.jpg" in text
+    row = ui.element("//*[normalize-space(text())='mean_sim_class']/ancestor::tr[1]", 30, "mean_sim_class's row")
+    ui.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
     ui.shot("clip_scores-partition")
 
     # The graph afterwards: the materialized assets in green.

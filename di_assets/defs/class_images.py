@@ -18,26 +18,52 @@ IMAGES_CHECK = "has_a_readable_image"
     partitions_def=CLASSES,
     group_name="interface",
     description="Class folders of the image dataset (ImageFolder layout). Data version: content hash of each folder "
-                "(with a suffix once a removed class has come back).",
+                "(with a suffix once a removed class has come back). Only folders whose listing changed are "
+                "hashed again; DI_ASSETS_OBSERVE_FULL=1 hashes every folder.",
 )
 def class_images(context, storage: StorageResource) -> dg.DataVersionsByPartition:
+    """Observe the class folders, incrementally.
+
+    A folder is hashed again only when its listing (names, sizes, time stamps: see
+    `di_assets.ml.observe`) changed since the memo in `<storage>/.observed/` recorded it. An
+    observation (and its IMAGES_CHECK evaluation) is logged only for a class whose listing changed
+    (or that the memo did not hold) or whose data version differs from its latest one (a class
+    back after REMOVED, a new Dagster instance); every other class keeps its data version. A class
+    the sensor observed gets its IMAGES_CHECK evaluation here (see `checks_due`).
+    A rewrite that keeps a file's size, mtime and ctime is not seen (as rsync's quick check does
+    not see it): `DI_ASSETS_OBSERVE_FULL=1` in the environment hashes every folder again.
+    """
+    from di_assets.ml.observe import ObservationMemo
+
     classes = storage.classes()
-    known = context.instance.get_dynamic_partitions(CLASSES.name)
-    checked = {}
-    for key in known:
-        if key in classes:
-            # each class's own record: its data version (the content hash) and what the folder holds
-            observation = folder_observation(key, classes[key], context.instance)
-            context.log_event(observation)
-            checked[key] = images_check_result(classes[key].path, observation.metadata["images"].value)
-    # IMAGES_CHECK of every observed class, from the count the observation just made (this job leaves
-    # the check itself out: it is partitioned, and the observation is not)
-    failed = [k for k, (ok, _) in checked.items() if not ok]
-    for key, (ok, meta) in checked.items():
+    keys = [k for k in context.instance.get_dynamic_partitions(CLASSES.name) if k in classes]
+    memo = ObservationMemo(storage.root)
+    was, due = latest_versions(context.instance, keys), checks_due(context.instance, keys)
+    described, emitted = {}, []
+    try:
+        for key in keys:
+            d, changed = memo.describe(key, classes[key].path)
+            described[key] = d
+            version = data_version(d["hash"], was.get(key))
+            if changed or version != was.get(key):
+                # each class's own record: its data version (the content hash) and what the folder holds
+                context.log_event(folder_observation(key, classes[key], d, version))
+                emitted.append(key)
+            memo.checkpoint()
+    finally:
+        memo.save(keep=classes)  # also what a failed observation hashed before it failed
+    context.log.info(f"observed {len(keys)} class folders: {len(memo.described)} hashed again, "
+                     f"{len(emitted)} observations logged")
+    # IMAGES_CHECK of each class just observed (or observed by the sensor), from the count its
+    # description made (this job leaves the check itself out: it is partitioned, and the observation
+    # is not); the summary counts every class
+    failed = [k for k in keys if not described[k]["images"]]
+    for key in [k for k in keys if k in due or k in emitted]:
+        ok, meta = images_check_result(classes[key].path, described[key]["images"])
         context.log_event(evaluation(None, CLASS_IMAGES, IMAGES_CHECK, ok,
-                                     {**meta, **({} if ok else failed_summary(failed, len(checked)))}, partition=key))
+                                     {**meta, **({} if ok else failed_summary(failed, len(keys)))}, partition=key))
     if failed:
-        context.log.warning(f"{IMAGES_CHECK} failed for {len(failed)} of {len(checked)} classes: {name_list(failed)}")
+        context.log.warning(f"{IMAGES_CHECK} failed for {len(failed)} of {len(keys)} classes: {name_list(failed)}")
     return dg.DataVersionsByPartition({})
 
 
@@ -71,27 +97,17 @@ with partitioned_checks():
         yield from emit(context, CLASS_IMAGES, IMAGES_CHECK, results)
 
 
-def folder_observation(key: str, folder, instance: dg.DagsterInstance | None = None, *,
-                       new: bool = False) -> dg.AssetObservation:
-    """A class folder's observation: content hash as data version; image count, skipped files, path.
+def data_version(content_hash: str, was: str | None) -> str:
+    """An observed folder's data version: its content hash, or the `<hash>~<n>` it already has.
 
-    A class that comes back after it was removed (`new`, with earlier records of its key) is
-    new data even with the same images: its token, images and scores left with it. Its data
-    version is then the hash with a suffix (`<hash>~<n>`) that no earlier version of the key has,
-    so class_token reruns whenever automation last looked (also when no automation tick saw the
-    REMOVED version in between); later observations keep that version while the content stays.
+    A class that came back after it was removed got `<hash>~<n>` (see `new_class_events`); later
+    observations keep that version while the content stays.
     """
-    from di_assets.ml.io import describe_folder
+    return was if was and was.startswith(content_hash + LIFE) else content_hash
 
-    d = describe_folder(folder.path)
-    version = d["hash"]
-    last = _latest_observation(instance, key) if instance is not None else None
-    if last is not None:
-        was = last.asset_observation.tags.get("dagster/data_version") or ""
-        if new:
-            version = f"{d['hash']}{LIFE}{last.storage_id}"
-        elif was.startswith(d["hash"] + LIFE):
-            version = was
+
+def folder_observation(key: str, folder, d: dict, version: str) -> dg.AssetObservation:
+    """A class folder's observation: its data version; image count, skipped files, path (`d`: its description)."""
     return dg.AssetObservation(
         asset_key="class_images", partition=key, tags={"dagster/data_version": version},
         metadata={"images": d["images"], "skipped_files": len(d["skipped"]),
@@ -99,10 +115,63 @@ def folder_observation(key: str, folder, instance: dg.DagsterInstance | None = N
                   "folder": dg.MetadataValue.path(str(folder.path)), "class_name": folder.name})
 
 
-def _latest_observation(instance: dg.DagsterInstance, key: str):
-    records = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("class_images"), asset_partitions=[key]), limit=1).records
-    return records[0] if records else None
+BATCH = 500  # partition keys per query (SQLite allows 999 parameters in older builds)
+
+
+def latest_versions(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, str]:
+    """The data version of each key's latest observation: one query per BATCH keys, not one per key."""
+    out = {}
+    for i in range(0, len(keys), BATCH):
+        tags = instance.event_log_storage.get_latest_tags_by_partition(
+            CLASS_IMAGES, dg.DagsterEventType.ASSET_OBSERVATION, ["dagster/data_version"],
+            asset_partitions=keys[i:i + BATCH])
+        out.update({k: t["dagster/data_version"] for k, t in tags.items() if "dagster/data_version" in t})
+    return out
+
+
+def new_class_events(instance: dg.DagsterInstance, root: str, classes: dict, new: list[str], memo=None) -> list:
+    """The observations of classes the sensor adds (their IMAGES_CHECK follows in the next observation job).
+
+    A class that comes back after it was removed (earlier records of its key) is new data even
+    with the same images: its token, images and scores left with it. Its data version is then
+    the hash with a suffix (`<hash>~<n>`, n: its latest record's storage id) that no earlier
+    version of the key has, so class_token reruns whenever automation last looked (also when no
+    automation tick saw the REMOVED version in between). The latest records of all `new` keys
+    come from one query per BATCH keys; `memo` (an ObservationMemo) then holds their
+    descriptions, so that the next observation does not hash them again.
+    """
+    from di_assets.ml.observe import ObservationMemo
+
+    memo = memo if memo is not None else ObservationMemo(root)
+    last = _latest_storage_ids(instance, new)
+    events = []
+    for key in new:
+        d = memo.describe(key, classes[key].path)[0]
+        version = f"{d['hash']}{LIFE}{last[key]}" if key in last else d["hash"]
+        events.append(folder_observation(key, classes[key], d, version))
+    return events
+
+
+def _latest_storage_ids(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, int]:
+    out = {}
+    for i in range(0, len(keys), BATCH):
+        out.update(instance.get_latest_storage_id_by_partition(
+            CLASS_IMAGES, dg.DagsterEventType.ASSET_OBSERVATION, set(keys[i:i + BATCH])))
+    return out
+
+
+def checks_due(instance: dg.DagsterInstance, keys: list[str]) -> set[str]:
+    """The keys whose IMAGES_CHECK has no evaluation since their latest observation (one the sensor
+    logged: a sensor cannot log a partitioned check's evaluation twice, Dagster 1.13 refuses it)."""
+    if not instance.event_log_storage.supports_asset_checks:
+        return set()
+    check = dg.AssetCheckKey(CLASS_IMAGES, IMAGES_CHECK)
+    observed = _latest_storage_ids(instance, keys)
+    evaluated = {}
+    for i in range(0, len(keys), BATCH):
+        infos = instance.event_log_storage.get_asset_check_partition_info([check], partition_keys=keys[i:i + BATCH])
+        evaluated.update({info.partition_key: info.latest_check_event_storage_id for info in infos})
+    return {k for k in keys if k in observed and evaluated.get(k, -1) < observed[k]}
 
 
 def removed_observation(key: str) -> dg.AssetObservation:
@@ -134,28 +203,32 @@ def build_observe_schedule(cron: str) -> dg.ScheduleDefinition:
     description="Adds a `classes` partition for each new class folder; removes (and trashes) the ones whose folder is gone.",
 )
 def class_folders_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
-    on_disk = set(storage.classes())
+    from di_assets.ml.observe import ObservationMemo
+
+    classes = storage.classes()
+    on_disk = set(classes)
     known = set(context.instance.get_dynamic_partitions(CLASSES.name))
     new, gone = sorted(on_disk - known), sorted(known - on_disk)
     cursor = json.dumps(sorted(on_disk))
     if not new and not gone:
         return dg.SensorResult(skip_reason=f"the {len(on_disk)} class folders are unchanged", cursor=cursor)
     requests, runs, events = [], [], []
+    memo = ObservationMemo(storage.root)
     if new:
         context.log.info(f"new classes: {', '.join(new)}")
         requests.append(CLASSES.build_add_request(new))  # class_token's eager condition fills them
-        classes = storage.classes()
         # Observe them at once, so their tokens need not wait for the next scheduled observation.
-        events = [folder_observation(key, classes[key], context.instance, new=True) for key in new]
+        events = new_class_events(context.instance, storage.root, classes, new, memo)
     if gone:
         for key in gone:
             where = storage.retire_class(key)
             context.log.info(f"class {key} removed; its files {'moved to ' + str(where) if where else 'deleted'}")
         # The folder's data version becomes REMOVED: its files just left. A class of that key that
-        # comes back (the same images or not) gets a new data version (see folder_observation), so
+        # comes back (the same images or not) gets a new data version (see new_class_events), so
         # its token is learned again and everything downstream follows.
         events += [removed_observation(key) for key in gone]
         requests.append(CLASSES.build_delete_request(gone))
+    memo.save(keep=on_disk)
     if gone and not new:
         # Drop the classes from the encoder root. (With new classes too, automation rebuilds the
         # root once their tokens exist.) The DuckDB views read only the files that remain.
