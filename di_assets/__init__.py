@@ -4,6 +4,12 @@ The paper's Python API is importable from here; torch loads only when one is fir
 so that `dagster dev` loads the code location quickly.
 """
 
+import os as _os
+
+# torch's idle OpenMP threads otherwise spin on cores that other processes hold (see ml/threads.py).
+# Read when torch loads OpenMP, so set here, before any torch import of ours; a value already set wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 __all__ = ["run_textual_inversion", "create_token_dictionary", "generate", "clip_similarity", "evaluate",

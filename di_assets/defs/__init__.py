@@ -32,6 +32,9 @@ from .versions import classifier_version, code_versions
 
 
 def build_resources(settings: Settings) -> dict:
+    from di_assets.ml.threads import set_wait_policy
+
+    set_wait_policy(settings.models.get("omp_wait_policy"))  # before this process imports torch
     storage = StorageResource(root=settings.storage, dataset=settings.dataset, removed_classes=settings.removed_classes)
     return {
         "storage": storage,

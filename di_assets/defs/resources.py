@@ -119,6 +119,12 @@ class ModelResource(dg.ConfigurableResource):
     channels_last: bool = Field(default=False, description="channels-last memory format for the UNet and VAE")
     vae_slicing: bool = Field(default=False, description="VAE decodes one image at a time (less memory)")
     vae_tiling: bool = Field(default=False, description="VAE works in tiles (less memory at high resolution)")
+    threads: Optional[int] = Field(default=None, gt=0,
+                                   description="torch's CPU threads; default $DI_ASSETS_THREADS, else the CPUs this "
+                                               "process may use (affinity, cgroup CPU limit)")
+    omp_wait_policy: Optional[str] = Field(default=None, **_choices("passive", "active"),
+                                           description="OpenMP idle threads: passive (sleep, the default: fair "
+                                                       "beside other processes) or active (spin)")
     devices: Optional[list[str]] = Field(
         default=None,
         description="GPUs that concurrent steps lease one each when device is auto (e.g. [cuda:0, cuda:1]); "
@@ -137,8 +143,11 @@ class ModelResource(dg.ConfigurableResource):
     def leased_spec(self, timeout: Optional[float] = None) -> Iterator:
         """The spec on a GPU that this step holds alone until the block ends (see ml.devices)."""
         from di_assets.ml.devices import leased_spec
+        from di_assets.ml.threads import apply_threads
 
-        with leased_spec(self.spec(), self.devices, timeout=timeout) as spec:
+        spec = self.spec()  # (imports the models, which size the threads to the CPUs by default)
+        apply_threads(self.threads)  # CPU threads that fit this process's share of the machine
+        with leased_spec(spec, self.devices, timeout=timeout) as spec:
             yield spec
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from .io import atomic_dir
+from .threads import apply_threads
 
 log = logging.getLogger("di_assets")
+apply_threads()  # torch's CPU threads: the CPUs this process may use, not every core it sees
 
 # Loading bars per shard are noise in a pipeline's logs; our own progress lines say more.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
