@@ -77,7 +77,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         import json
 
         from di_assets.ml.encoder_root import embeds_digest, resolve_class
-        from di_assets.ml.generate import contact_sheet, generate_samples
+        from di_assets.ml.generate import contact_sheet, generate_many
         from di_assets.ml.io import atomic_dir, atomic_path
         from di_assets.ml.models import portable_base_model
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
@@ -96,10 +96,12 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                     raise dg.Failure(f"the encoder root holds an older token for class {key!r}; "
                                      "materialize encoder_root, then rerun this partition")
             rows: dict[str, list] = {}  # the partition's preview rows so far (one per shift)
-            for i, (pkey, key, shift_key) in enumerate(work, 1):
+            # Every pair's images, in pipeline batches filled across pairs and partitions (each image from
+            # its own seed's generator); each pair's samples arrive as soon as its last image is made.
+            jobs = [(key, by_key[shift_key].prompt, range(seed, seed + n)) for _, key, shift_key in work]
+            produced = generate_many(storage.encoder_root, jobs, model=spec, config=cfg, use_token=not baseline)
+            for i, ((pkey, key, shift_key), samples) in enumerate(zip(work, produced), 1):
                 shift = by_key[shift_key]
-                samples = generate_samples(storage.encoder_root, key, shift.prompt, seeds=range(seed, seed + n),
-                                           model=spec, config=cfg, use_token=not baseline)
                 out = storage.images_dir(key, shift_key, baseline)
                 first = [s.image for s in samples[:PREVIEW_IMAGES]]
                 with atomic_dir(out) as tmp:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import numbers
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -78,8 +79,9 @@ def create_token_dictionary(
     spec = (model or ModelSpec()).resolved()
     base_tokenizer, base_encoder = load_base_text_encoder(spec)
     items = _items(embeds, tokens, class_names, class_keys)
-    return _assemble(copy.deepcopy(base_tokenizer), copy.deepcopy(base_encoder).cpu(), {}, 0, items, spec,
-                     Path(encoder_root))
+    # The base tokenizer is already loaded: it also tells where the added rows begin (no second load).
+    return _assemble(copy_tokenizer(base_tokenizer), copy.deepcopy(base_encoder).cpu(), {}, 0, items, spec,
+                     Path(encoder_root), base_vocab=len(base_tokenizer))
 
 
 def update_token_dictionary(
@@ -145,7 +147,19 @@ def embeds_digest(matrix: torch.Tensor) -> str:
     return hashlib.sha256(_as_matrix(matrix).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, spec, out: Path) -> Path:
+def copy_tokenizer(tokenizer):
+    """A private copy of a (shared, cached) tokenizer, to add tokens to.
+
+    `copy.deepcopy`, except that the BPE merges list (48,894 pairs of str, which nothing ever
+    changes: added tokens live in the Rust backend) is shared, not copied element by element.
+    """
+    merges = getattr(tokenizer, "_merges", None)
+    return copy.deepcopy(tokenizer, {} if merges is None else {id(merges): merges})
+
+
+def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, spec, out: Path,
+              base_vocab: int | None = None) -> Path:
+    """`base_vocab`: the base tokenizer's size, where the added rows begin (None: read it from the base model)."""
     dim = text_encoder.get_input_embeddings().embedding_dim
     # replaced: (index, key, token, name, vectors, kept ids, names of the extra vectors)
     replaced, appended = [], []
@@ -166,10 +180,10 @@ def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, s
             appended.append((key, tok, name, m))
     # Every other added row (a removed class's, a renamed token's, surplus vectors, or an orphan left
     # by an older version) is retired, so that its token is free for a class that comes (back) later.
-    tokenizer, retired = _retire_unowned(tokenizer, owned, spec)
+    tokenizer, retired = _retire_unowned(tokenizer, owned, spec, base_vocab)
     grown = [n for *_, extra in replaced for n in extra]
     new_names = grown + [n for _, tok, _, m in appended for n in placeholder_tokens(tok, m.shape[0])]
-    repeated = {t for t in new_names if new_names.count(t) > 1}
+    repeated = {t for t, k in Counter(new_names).items() if k > 1}
     if repeated:
         raise ValueError(f"tokens must be unique; repeated: {sorted(repeated)}")
     check_new_tokens(tokenizer, new_names)
@@ -215,15 +229,17 @@ def write_root(folder: Path, tokenizer, text_encoder, *, family: str, base_model
     }, indent=2) + "\n")
 
 
-def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec):
+def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec, base_vocab: int | None = None):
     """The tokenizer (every id unchanged) with each added row that no class owns renamed out of use.
 
     `owned` maps the rows that classes keep to their names. Returns the tokenizer and the ids
     newly retired. A tokenizer cannot drop or rename an added token, so when a name changes it
     is rebuilt: the base tokenizer, then every added row in id order, a retired one under a name
     no prompt holds (`RETIRED`). Rows are never removed or reused: no other class's ids move.
+    `base_vocab` is the base tokenizer's size when the caller has it (the base tokenizer is then
+    loaded only if a name changes).
     """
-    first = len(_base_tokenizer(spec.diffusion))
+    first = len(_base_tokenizer(spec.diffusion)) if base_vocab is None else base_vocab
     ids = list(range(first, len(tokenizer)))
     stray = sorted(i for i in owned if not first <= i < len(tokenizer))
     if stray:
@@ -233,7 +249,7 @@ def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec):
     names = [owned.get(i, RETIRED.format(i)) for i in ids]
     if names == current:
         return tokenizer, []
-    fresh = copy.deepcopy(_base_tokenizer(spec.diffusion))
+    fresh = copy_tokenizer(_base_tokenizer(spec.diffusion))
     fresh.add_tokens(names)
     if len(fresh) != len(tokenizer) or fresh.convert_tokens_to_ids(names) != ids:
         raise RuntimeError("could not rebuild the encoder root's tokenizer with the same ids; rebuild the root")

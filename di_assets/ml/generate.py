@@ -13,12 +13,13 @@ class token (`<t> <t>_1 ...`) once, and the pipeline's own multi-vector expansio
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import numbers
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -108,6 +109,88 @@ def fill_prompt(prompt: str, ct: ClassToken, use_token: bool = True) -> str:
     return prompt.replace(TOKEN, ct.prompt_text if use_token else ct.name)
 
 
+class _Run:
+    """The pipeline and settings that every image of one call shares."""
+
+    def __init__(self, encoder_root, spec: ModelSpec, cfg: GenerationConfig):
+        self.cfg = cfg
+        self.pipe = get_pipeline(encoder_root, spec, cfg.scheduler)
+        size = cfg.resolution or native_resolution(self.pipe.unet, self.pipe.vae)
+        self.gen_device = "cpu" if spec.device == "mps" else spec.device
+        self.settings = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                             height=size, width=size, output_type="pil")
+
+    def finish(self, im):
+        size = self.cfg.output_size
+        return im.resize((size, size)) if size else im  # PIL: bicubic
+
+    def batch(self, items: Sequence[tuple[str, str, int]]) -> list[Sample]:
+        """One pipeline call for these (prompt, text, seed) items, each image from its own generator."""
+        cfg = self.cfg
+        with torch.inference_mode():
+            images = self.pipe(
+                prompt=[t for _, t, _ in items],
+                negative_prompt=[cfg.negative_prompt] * len(items) if cfg.negative_prompt else None,
+                generator=[torch.Generator(self.gen_device).manual_seed(s) for _, _, s in items],
+                **self.settings,
+            ).images
+        return [Sample(p, t, s, self.finish(im)) for (p, t, s), im in zip(items, images)]
+
+    def paper(self, prompt: str, text: str, seed: int, draws: int) -> Iterator[Sample]:
+        """seed_mode="paper": `draws` images drawn one after another from one generator seeded `seed`."""
+        generator = torch.Generator(self.gen_device).manual_seed(seed)
+        for d in range(draws):
+            with torch.inference_mode():
+                image = self.pipe(prompt=text, negative_prompt=self.cfg.negative_prompt or None, generator=generator,
+                                  **self.settings).images[0]
+            yield Sample(prompt, text, seed, self.finish(image), d)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The images of one class's prompts and seeds: (prompt, text, seed), prompt-major, made when
+    iterated (a run over every class x shift pair holds one small plan per pair, not every image)."""
+
+    prompts: tuple[str, ...]
+    texts: tuple[str, ...]
+    seeds: Sequence[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts) * len(self.seeds)
+
+    def __iter__(self) -> Iterator[tuple[str, str, int]]:
+        return ((p, t, int(s)) for p, t in zip(self.prompts, self.texts) for s in self.seeds)
+
+
+def _plan(encoder_root, c, prompts, seeds, use_token: bool) -> _Plan:
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    ct = resolve_class(encoder_root, c)
+    texts = tuple(fill_prompt(p, ct, use_token) for p in prompts)
+    return _Plan(prompts, texts, seeds if isinstance(seeds, range) else [int(s) for s in seeds])
+
+
+def _per_image(run: _Run, plans: list[_Plan], progress) -> Iterator[list[Sample]]:
+    """Every plan's images in batches of `batch_size` filled across plans; each plan's samples as soon
+    as its last image is made, in order."""
+    flat = ((j, item) for j, plan in enumerate(plans) for item in plan)
+    total = sum(len(plan) for plan in plans)
+    made: list[list[Sample]] = [[] for _ in plans]
+    done = nxt = 0
+    while True:
+        while nxt < len(plans) and len(made[nxt]) == len(plans[nxt]):
+            out, made[nxt] = made[nxt], []
+            nxt += 1
+            yield out
+        batch = list(itertools.islice(flat, run.cfg.batch_size))
+        if not batch:
+            return
+        for (j, _), sample in zip(batch, run.batch([item for _, item in batch])):
+            made[j].append(sample)
+        done += len(batch)
+        if progress is not None:
+            progress(done, total)
+
+
 def generate_samples(
     encoder_root,
     c,
@@ -127,51 +210,66 @@ def generate_samples(
     `config.seed_mode="paper"`: per (prompt, seed), one generator seeded with `seed` draws
     `draws` images one after another, one pipeline call per image, as the paper's `generate`
     does; `Sample.draw` is an image's place in that sequence.
+    For many classes or prompts with batches filled across them, see `generate_many`.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ct = resolve_class(encoder_root, c)
-    texts = [fill_prompt(p, ct, use_token) for p in prompts]
+    plan = _plan(encoder_root, c, prompts, seeds, use_token)
     spec = model_spec_for(encoder_root, model).resolved()
     cfg = config or GenerationConfig.for_family(spec.family)
     if draws < 1 or (draws > 1 and cfg.seed_mode != "paper"):
         raise ValueError(f"draws={draws}: several draws per seed need seed_mode='paper' (per_image: one image per seed)")
-    pipe = get_pipeline(encoder_root, spec, cfg.scheduler)
-    size = cfg.resolution or native_resolution(pipe.unet, pipe.vae)
-    gen_device = "cpu" if spec.device == "mps" else spec.device
-    settings = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                    height=size, width=size, output_type="pil")
-
-    def finish(im):
-        return im.resize((cfg.output_size, cfg.output_size)) if cfg.output_size else im  # PIL: bicubic
-
+    run = _Run(encoder_root, spec, cfg)
+    if cfg.seed_mode != "paper":
+        return next(_per_image(run, [plan], progress))
     out: list[Sample] = []
-    if cfg.seed_mode == "paper":
-        total = len(prompts) * len(seeds) * draws
-        for p, t in zip(prompts, texts):
-            for s in seeds:
-                generator = torch.Generator(gen_device).manual_seed(int(s))
-                for d in range(draws):
-                    with torch.inference_mode():
-                        image = pipe(prompt=t, negative_prompt=cfg.negative_prompt or None, generator=generator,
-                                     **settings).images[0]
-                    out.append(Sample(p, t, int(s), finish(image), d))
-                    if progress is not None:
-                        progress(len(out), total)
-        return out
-    jobs = [(p, t, s) for p, t in zip(prompts, texts) for s in seeds]
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start:start + cfg.batch_size]
-        with torch.inference_mode():
-            images = pipe(
-                prompt=[t for _, t, _ in batch],
-                negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
-                generator=[torch.Generator(gen_device).manual_seed(int(s)) for _, _, s in batch],
-                **settings,
-            ).images
-        out += [Sample(p, t, int(s), finish(im)) for (p, t, s), im in zip(batch, images)]
-        if progress is not None:
-            progress(len(out), len(jobs))
+    for p, t, s in plan:
+        for sample in run.paper(p, t, s, draws):
+            out.append(sample)
+            if progress is not None:
+                progress(len(out), len(plan) * draws)
     return out
+
+
+def generate_many(
+    encoder_root,
+    jobs: Iterable[tuple[object, str | Sequence[str], Sequence[int]]],
+    *,
+    use_token: bool = True,
+    model: ModelSpec | None = None,
+    config: GenerationConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[list[Sample]]:
+    """`generate_samples` of many `(class, prompts, seeds)` jobs, with batches filled across jobs.
+
+    Yields one list of samples per job, in the order of `jobs`, each as soon as its last image is
+    made (so a caller can write a job's images while later jobs run). With the default
+    `seed_mode="per_image"`, every image comes from its own generator seeded with its seed, so a
+    job's images are those of `generate_samples` for that job alone, up to the float noise of
+    another batch composition (a pixel level or so on CPU); the pipeline sees `config.batch_size`
+    images per call until the last batch, whatever the jobs' sizes. `seed_mode="paper"` makes one
+    pipeline call per image anyway: the jobs run one after another. `progress(done, total)`
+    counts images over all jobs.
+
+    Every job's class and prompts are checked first, so a bad job fails before any image is made.
+    """
+    plans = [_plan(encoder_root, c, prompts, seeds, use_token) for c, prompts, seeds in jobs]
+    spec = model_spec_for(encoder_root, model).resolved()
+    cfg = config or GenerationConfig.for_family(spec.family)
+    run = _Run(encoder_root, spec, cfg)
+    if cfg.seed_mode != "paper":
+        return _per_image(run, plans, progress)
+
+    def one_after_another():
+        total, done = sum(len(plan) for plan in plans), 0
+        for plan in plans:
+            out = []
+            for p, t, s in plan:
+                out += run.paper(p, t, s, 1)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            yield out
+
+    return one_after_another()
 
 
 def _prompt_seeds(random_seed, n_prompts: int) -> list[int]:
