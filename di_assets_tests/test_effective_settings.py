@@ -141,3 +141,14 @@ def test_resolved_settings_is_a_json_record_without_torch(tmp_path):
     tiny = resolved_settings(Settings.load(storage=str(tmp_path)))
     assert json.loads(json.dumps(tiny)) == tiny
     assert tiny["textual_inversion"] == TEXTUAL_INVERSION["tiny"]
+
+
+def test_settings_that_change_how_tokens_train_but_not_what_they_are_keep_the_code_version(tmp_path):
+    """classes_per_batch (several classes in one loop: equal tokens) and checkpoint_every leave class_token
+    fresh; the learning rate makes it stale."""
+    shifts = select_shifts(["base"])
+    base = code_versions(Settings.load(storage=str(tmp_path)), shifts)["class_token"]
+    assert code_versions(Settings.load(storage=str(tmp_path), textual_inversion={
+        "classes_per_batch": 8, "checkpoint_every": 50}), shifts)["class_token"] == base
+    assert code_versions(Settings.load(storage=str(tmp_path), textual_inversion={"learning_rate": 1e-3}),
+                         shifts)["class_token"] != base

@@ -34,53 +34,57 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
     def class_token(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
-        from di_assets.ml.io import atomic_path
-        from di_assets.ml.report import loss_chart
-        from di_assets.ml.textual_inversion import NonFiniteTokenError, run_textual_inversion
+        import di_assets.ml.textual_inversion as ti
 
         classes = storage.classes()  # once per step: a range of N classes must not list the dataset N times
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             cfg = params.ti_config(spec.family)
             every = max(1, cfg.steps // 10)
-            done, failures = [], {}
+            per_loop = cfg.classes_per_batch_on(spec.family, spec.device)
+            done, failures, todo = [], {}, []
             for key in context.partition_keys:
                 if key not in classes:
                     failures[key] = f"no folder {key!r} in {storage.dataset}; was it removed?"
                     context.log.error(f"class_token {key}: {failures[key]}")
                     continue
-                folder = classes[key]
+                todo.append((key, classes[key]))
 
-                def progress(step, total, loss, token=folder.token):
+            def progress_of(token):
+                def progress(step, total, loss):
                     if step % every == 0 or step == total:
                         context.log.info(f"{token}: step {step}/{total}, loss {loss:.4f}")
+                return progress
 
-                try:
-                    r = run_textual_inversion(folder.path, folder.token, folder.name, model=spec, config=cfg,
-                                              output_dir=storage.token_dir(key), progress=progress)
-                except CLASS_ERRORS as exc:  # this class's own problem: the others in the range still train
-                    failures[key] = _one_line(exc)
-                    context.log.error(f"class_token {key}: {failures[key]}")
-                    if not isinstance(exc, NonFiniteTokenError):  # the one line is the message; keep the where
-                        context.log.debug(f"class_token {key}: traceback", exc_info=exc)
-                    continue
-                tail = r.losses[-max(1, len(r.losses) // 10):]
-                final = sum(tail) / len(tail)
-                # The class's loss curve as a file beside its token (a chart with axes and a legend);
-                # the record links it, so each partition's record stays a few hundred bytes.
-                chart = storage.token_dir(key) / LOSS_CHART
-                with atomic_path(chart) as tmp:
-                    tmp.write_bytes(loss_chart({folder.token: r.losses},
-                                               {folder.token: (r.initial_eval_loss, r.final_eval_loss)}))
-                # Each partition's own record, also in a run over many classes.
-                context.add_asset_metadata({
-                    "token": folder.token, "class_name": folder.name, "steps": cfg.steps,
-                    "final_loss": final, "eval_loss_before": r.initial_eval_loss,
-                    "eval_loss_after": r.final_eval_loss, "norm": float(r.embeds.norm(dim=-1).max()),
-                    "path": dg.MetadataValue.path(str(storage.token_dir(key) / "learned_embeds.safetensors")),
-                    "loss_curve": dg.MetadataValue.path(str(chart)),
-                }, partition_key=key)
-                done.append((folder.token, final))
+            # Groups of classes_per_batch classes train in one loop (each token as its own run would
+            # leave it); a group of one is the single-class run.
+            for group in (todo[i:i + per_loop] for i in range(0, len(todo), per_loop)):
+                if len(group) == 1:
+                    (key, folder), = group
+                    try:
+                        outcomes = [ti.run_textual_inversion(
+                            folder.path, folder.token, folder.name, model=spec, config=cfg,
+                            output_dir=storage.token_dir(key), progress=progress_of(folder.token))]
+                    except CLASS_ERRORS as exc:
+                        outcomes = [exc]
+                else:  # each class's error comes back in its place
+                    reporters = [progress_of(folder.token) for _, folder in group]
+                    outcomes = ti.run_textual_inversion_many(
+                        [ti.TokenClass(folder.path, folder.token, folder.name, storage.token_dir(key))
+                         for key, folder in group], model=spec, config=cfg,
+                        progress=lambda i, step, total, loss: reporters[i](step, total, loss))
+                for (key, folder), r in zip(group, outcomes):
+                    if isinstance(r, BaseException):
+                        if not isinstance(r, CLASS_ERRORS):  # not a class's own problem: the step fails
+                            raise r
+                        # this class's own problem: the others in the range still train
+                        failures[key] = _one_line(r)
+                        context.log.error(f"class_token {key}: {failures[key]}")
+                        if not isinstance(r, ti.NonFiniteTokenError):  # the one line is the message; keep the where
+                            context.log.debug(f"class_token {key}: traceback", exc_info=r)
+                        continue
+                    done.append((folder.token, _record(context, storage, key, folder, r, cfg.steps)))
+        failures = {k: failures[k] for k in context.partition_keys if k in failures}  # in the range's order
         raise_for_failures(failures, len(context.partition_keys))
         if len(done) > 1:  # the run's summary goes to its log, not into every partition's record
             context.log.info(f"textual inversion of {len(done)} classes, mean final loss "
@@ -88,6 +92,29 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         return dg.MaterializeResult()
 
     return class_token
+
+
+def _record(context: dg.AssetExecutionContext, storage: StorageResource, key: str, folder, r, steps: int) -> float:
+    """A trained class's loss chart beside its token, and its partition's metadata; its final loss."""
+    from di_assets.ml.io import atomic_path
+    from di_assets.ml.report import loss_chart
+
+    tail = r.losses[-max(1, len(r.losses) // 10):]
+    final = sum(tail) / len(tail)
+    # The class's loss curve as a file beside its token (a chart with axes and a legend);
+    # the record links it, so each partition's record stays a few hundred bytes.
+    chart = storage.token_dir(key) / LOSS_CHART
+    with atomic_path(chart) as tmp:
+        tmp.write_bytes(loss_chart({folder.token: r.losses}, {folder.token: (r.initial_eval_loss, r.final_eval_loss)}))
+    # Each partition's own record, also in a run over many classes.
+    context.add_asset_metadata({
+        "token": folder.token, "class_name": folder.name, "steps": steps,
+        "final_loss": final, "eval_loss_before": r.initial_eval_loss,
+        "eval_loss_after": r.final_eval_loss, "norm": float(r.embeds.norm(dim=-1).max()),
+        "path": dg.MetadataValue.path(str(storage.token_dir(key) / "learned_embeds.safetensors")),
+        "loss_curve": dg.MetadataValue.path(str(chart)),
+    }, partition_key=key)
+    return final
 
 
 def token_check_results(storage: StorageResource, spec, keys: list[str]) -> dict:

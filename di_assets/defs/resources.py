@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import dagster as dg
 from pydantic import ConfigDict, Field
 
-from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe
+from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe, describe_classes_per_batch
 
 if TYPE_CHECKING:
     from di_assets.settings import Settings
@@ -177,6 +177,7 @@ class TextualInversionParams(dg.Config):
     pin_norm: Optional[bool] = _ti("pin_norm", "Keep the token's norm at the initialiser's")
     checkpoint_every: Optional[int] = _ti("checkpoint_every", "Steps between checkpoints (a rerun resumes)",
                                            **POSITIVE)
+    classes_per_batch: Optional[int] = Field(default=None, description=describe_classes_per_batch(), **POSITIVE)
 
     def resolved(self, family: str) -> "TextualInversionParams":
         """Every unset field holds `family`'s default: what `ti_config(family)` uses (`resolution`'s

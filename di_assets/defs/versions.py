@@ -19,6 +19,10 @@ PREDICTIONS_CODE = "predictions-1"
 DIAGNOSIS_CODE = "diagnosis-1"
 
 
+# Settings that change how a stage runs, not what it writes: they leave its code version alone.
+TI_RUN_ONLY = ("classes_per_batch", "checkpoint_every")
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -27,8 +31,9 @@ def code_versions(settings: Settings, shifts) -> dict[str, str]:
     m = settings.models
     diffusion = {"family": m.get("family", "tiny"), "diffusion": m.get("diffusion")}
     clip = {"family": m.get("family", "tiny"), "clip_model": m.get("clip_model"), "pretrained": m.get("clip_pretrained")}
+    ti = {k: v for k, v in settings.textual_inversion.items() if k not in TI_RUN_ONLY}
     return {
-        "class_token": f"{TEXTUAL_INVERSION_CODE}-{_digest([diffusion, settings.textual_inversion])}",
+        "class_token": f"{TEXTUAL_INVERSION_CODE}-{_digest([diffusion, ti])}",
         "encoder_root": f"{ENCODER_ROOT_CODE}-{_digest(diffusion)}",
         "counterfactuals": f"{GENERATION_CODE}-{_digest([diffusion, settings.generation, [s.prompt for s in shifts]])}",
         "clip_scores": f"{CLIP_METRIC_CODE}-{_digest([clip, settings.scoring, [s.caption for s in shifts]])}",

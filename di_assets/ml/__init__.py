@@ -7,9 +7,10 @@ io) load fast.
 
 _EXPORTS = {
     "run_textual_inversion": "textual_inversion", "TextualInversionConfig": "textual_inversion",
-    "TextualInversionResult": "textual_inversion",
+    "TextualInversionResult": "textual_inversion", "run_textual_inversion_many": "textual_inversion",
+    "TokenClass": "textual_inversion",
     "create_token_dictionary": "encoder_root", "class_tokens": "encoder_root", "resolve_class": "encoder_root",
-    "generate": "generate", "generate_samples": "generate", "GenerationConfig": "generate",
+    "generate": "generate", "generate_samples": "generate", "generate_many": "generate", "GenerationConfig": "generate",
     "clip_similarity": "clip_metric", "ClipScorer": "clip_metric", "get_scorer": "clip_metric",
     "import_imagenet_star": "imagenet_star", "export_encoder_root": "paper_format",
     "ModelSpec": "models",

@@ -9,10 +9,37 @@ keeps its small initial row.
 
 TEXTUAL_INVERSION = {
     "sd": {"steps": 3000, "learning_rate": 5e-4, "batch_size": 1, "gradient_accumulation": 1,
-           "resolution": None, "num_vectors": 1, "seed": 0, "pin_norm": True, "checkpoint_every": 500},
+           "resolution": None, "num_vectors": 1, "seed": 0, "pin_norm": True, "checkpoint_every": 500,
+           "classes_per_batch": None},  # None: by family and device, CLASSES_PER_BATCH below
 }
 TEXTUAL_INVERSION["tiny"] = {**TEXTUAL_INVERSION["sd"], "steps": 500, "learning_rate": 5e-2, "batch_size": 8,
                              "pin_norm": False, "checkpoint_every": 100}
+
+# Classes whose tokens train in one loop (one UNet pass over all their images per step), by family and
+# device type, when `classes_per_batch` is unset; 1 is a class at a time (the single-class run).
+# CPU: the tiny model is compute-bound at batch 8, and 3 classes together gained 6-13% in
+# benchmarks/bench_multi_ti.py, within that shared machine's noise (K=1, the same code both ways,
+# differed by up to 19%), so 1. CUDA: one class's batch (sd: 1 image) leaves the GPU mostly idle;
+# 8 is a first choice, to be measured at 768 px (benchmarks/gpu_check.py).
+CLASSES_PER_BATCH = {
+    "sd": {"cuda": 8, "mps": 1, "cpu": 1},
+    "tiny": {"cuda": 8, "mps": 1, "cpu": 1},
+}
+
+
+def default_classes_per_batch(family: str, device: str) -> int:
+    """CLASSES_PER_BATCH of a family (`sd`, else the tiny row) on a device (`cuda:1` is cuda)."""
+    row = CLASSES_PER_BATCH["sd" if family == "sd" else "tiny"]
+    return row.get(str(device).split(":")[0], 1)
+
+
+def describe_classes_per_batch() -> str:
+    per = "; ".join(f"{family} " + ", ".join(f"{dev} {n}" for dev, n in row.items())
+                    for family, row in CLASSES_PER_BATCH.items())
+    return ("Classes whose tokens train together in one loop (one UNet pass over all their images per "
+            "step; each token ends as its own run would, within float noise). Unset: by family and "
+            f"device ({per})")
+
 
 GENERATION = {
     "sd": {"num_inference_steps": 50, "guidance_scale": 7.5, "scheduler": "euler", "resolution": None,

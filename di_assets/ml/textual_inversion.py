@@ -1,5 +1,7 @@
 """Textual inversion: learn one new token embedding per class.
 
+`run_textual_inversion` learns one class's token; `run_textual_inversion_many` learns several classes'
+tokens in one loop (one UNet pass over all their images per step), each as its own run would.
 Only the new token's vector(s) train. They live in a separate parameter that a forward hook
 on the frozen embedding layer substitutes for the placeholder ids, so every other row of the
 shared text encoder is untouched by construction. The vector starts from the mean of the
@@ -12,14 +14,15 @@ import copy
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .defaults import TEXTUAL_INVERSION
+from .defaults import TEXTUAL_INVERSION, default_classes_per_batch
 from .io import atomic_path, hash_folder, load_class_images, write_json
 from .models import ModelSpec, load_base_text_encoder, load_diffusion_components, load_scheduler, native_resolution
 from .templates import IMAGENET_TEMPLATES_SMALL
@@ -60,14 +63,26 @@ class TextualInversionConfig:
     weight_decay: float = 1e-2
     checkpoint_every: int = _SD["checkpoint_every"]
     flip: bool = True  # random horizontal flip
+    # Classes that train in one loop (run_textual_inversion_many); None: by family and device
+    # (ml/defaults.py). It changes no token beyond float noise, so checkpoints and loss.json omit it.
+    classes_per_batch: int | None = _SD["classes_per_batch"]
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "TextualInversionConfig":
         base = cls(**TEXTUAL_INVERSION["sd" if family == "sd" else "tiny"])  # see ml/defaults.py
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
+    def run_settings(self) -> dict:
+        """The settings a token depends on: a checkpoint resumes only under the same ones."""
+        return {k: v for k, v in asdict(self).items() if k != "classes_per_batch"}
+
+    def classes_per_batch_on(self, family: str, device: str) -> int:
+        """`classes_per_batch`, or its default for the model family and device."""
+        return self.classes_per_batch or default_classes_per_batch(family, device)
+
     def __post_init__(self):
-        for f in ("steps", "batch_size", "gradient_accumulation", "resolution", "num_vectors", "checkpoint_every"):
+        for f in ("steps", "batch_size", "gradient_accumulation", "resolution", "num_vectors", "checkpoint_every",
+                  "classes_per_batch"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"textual inversion {f} must be >= 1, got {getattr(self, f)}")
 
@@ -117,9 +132,10 @@ def initial_embedding(tokenizer, text_encoder, class_name: str) -> torch.Tensor:
 
 
 class _TokenInjector:
-    """Forward hooks that map ids >= `first_id` to rows of `vectors` without resizing the layer."""
+    """Forward hooks that map ids >= `first_id` to rows of `vectors` without resizing the layer
+    (`vectors` may be replaced between forwards: the loop sets the rows of the classes in a batch)."""
 
-    def __init__(self, embedding: torch.nn.Embedding, first_id: int, vectors: torch.Tensor):
+    def __init__(self, embedding: torch.nn.Embedding, first_id: int, vectors: torch.Tensor | None):
         self.first_id, self.vectors, self._mask = first_id, vectors, None
         self._handles = [
             embedding.register_forward_pre_hook(self._pre),
@@ -178,6 +194,19 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("step-*.safetensors")) if ckpt_dir.is_dir() else []
 
 
+@dataclass(frozen=True)
+class TokenClass:
+    """One class of `run_textual_inversion_many`: its image folder, its new token, the class name whose
+    words initialise the token, where its files go (None: nowhere), and optionally its own settings
+    (None: the run's `config` with its overrides; a class's own config takes no overrides)."""
+
+    train_path: str | os.PathLike
+    token: str
+    class_name: str
+    output_dir: str | os.PathLike | None = None
+    config: TextualInversionConfig | None = None
+
+
 def run_textual_inversion(
     train_path,
     token: str,
@@ -195,142 +224,349 @@ def run_textual_inversion(
     Returns the learned embedding and its loss curve. With `output_dir`, writes
     `learned_embeds.safetensors` (diffusers format), `loss.json`, and checkpoints every
     `checkpoint_every` steps; a rerun resumes from the last compatible checkpoint.
+    `progress(step, steps, loss)` is called after every step.
+
+    The one-class case of `run_textual_inversion_many`; the class's error is raised.
+    """
+    each = None if progress is None else (lambda _index, step, total, loss: progress(step, total, loss))
+    (result,) = run_textual_inversion_many([TokenClass(train_path, token, class_name, output_dir)], model=model,
+                                           config=config, resume=resume, progress=each, **overrides)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def run_textual_inversion_many(
+    classes: Sequence[TokenClass | tuple],
+    *,
+    model: ModelSpec | None = None,
+    config: TextualInversionConfig | None = None,
+    resume: bool = True,
+    progress: Callable[[int, int, int, float], None] | None = None,
+    **overrides,
+) -> list[TextualInversionResult | Exception]:
+    """Learn the tokens of several classes in one training loop; one result or error per class, in order.
+
+    `classes`: `TokenClass`es, or tuples `(train_path, token, class_name, output_dir)`. Each step, every
+    class draws its own batch from its own generator, exactly the draws (images, templates, noise,
+    timesteps) of its single-class run; the batches are concatenated into one text-encoder and one
+    UNet forward/backward, and the loss is the sum over classes of each class's own mean loss. The
+    samples of one class reach no other class's vectors (the models are frozen and work per sample),
+    so each token's gradient is its single run's, and with its own AdamW, checkpoints and divergence
+    stop every token ends where `run_textual_inversion` would leave it, within float noise (a larger
+    batch sums in another order).
+
+    A class whose folder, token or training fails (non-finite loss or vectors) stops alone: its
+    entry is the exception, and the others train on. `progress(index, step, steps, loss)` is called
+    after each step of class `classes[index]`; an exception it raises stops the whole loop (each class
+    resumes from its own checkpoints). All classes train in one batch: group them by
+    `classes_per_batch` to bound its size (the settings' `textual_inversion.classes_per_batch`).
     """
     spec = (model or ModelSpec()).resolved()
     cfg = config or TextualInversionConfig.for_family(spec.family)
     if overrides:
         cfg = replace(cfg, **overrides)
-    output_dir = Path(output_dir) if output_dir is not None else None
-    device = spec.device
+    items = [c if isinstance(c, TokenClass) else TokenClass(*c) for c in classes]
+    results: list = [None] * len(items)
 
-    images = load_class_images(train_path)  # warns once per unreadable file
-    base_tokenizer, text_encoder = load_base_text_encoder(spec)
-    text_encoder.to(device)
-    unet, vae = load_diffusion_components(spec)
-    scheduler = load_scheduler(spec, "ddpm")
-    unet_dtype = next(unet.parameters()).dtype
+    images, owners = {}, {}
+    for i, item in enumerate(items):
+        try:
+            if item.output_dir is not None:
+                where = Path(item.output_dir).resolve()
+                if where in owners:
+                    raise ValueError(f"token {item.token} ({item.class_name}): output_dir {item.output_dir} is "
+                                     f"also {owners[where]}'s; give each class its own")
+                owners[where] = item.token
+            images[i] = load_class_images(item.train_path)  # warns once per unreadable file
+        except Exception as exc:  # noqa: BLE001 - this class's own problem: the others still train
+            results[i] = exc
+    if not images:
+        return results
 
-    tokenizer = copy.deepcopy(base_tokenizer)
-    names = placeholder_tokens(token, cfg.num_vectors)
-    check_new_tokens(tokenizer, names)
-    first_id = len(tokenizer)
-    tokenizer.add_tokens(names)
-    if tokenizer.convert_tokens_to_ids(names[0]) != first_id:
-        raise RuntimeError("tokenizer did not append the new token at the end of its vocabulary")
-    if text_encoder.get_input_embeddings().num_embeddings != first_id:
-        raise ValueError("the base text encoder's vocabulary size differs from its tokenizer's")
+    shared = _Shared.load(spec)
+    learners = []
+    for i, class_images in images.items():
+        try:
+            learners.append(_Learner(i, items[i], items[i].config or cfg, class_images, shared, spec, resume))
+        except Exception as exc:  # noqa: BLE001 - as above
+            results[i] = exc
+    del images
+    # One batch holds latents of one size: one loop per training resolution (one in practice).
+    by_resolution: dict[int, list[_Learner]] = {}
+    for learner in learners:
+        by_resolution.setdefault(learner.resolution, []).append(learner)
+    for group in by_resolution.values():
+        _train_together(group, shared, progress)
+    for learner in learners:
+        results[learner.index] = learner.error if learner.error is not None else learner.result
+    return results
 
-    init = initial_embedding(tokenizer, text_encoder, class_name)
-    init_norm = float(init.norm())
-    vocab_norm = float(text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).max())
-    vectors = init.repeat(cfg.num_vectors, 1).to(device).requires_grad_(True)
-    optimizer = torch.optim.AdamW([vectors], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    # Captions: the 27 templates with the placeholder, tokenized once.
-    caption_ids = tokenizer(
-        [t.format(" ".join(names)) for t in IMAGENET_TEMPLATES_SMALL], padding="max_length",
-        max_length=text_encoder.config.max_position_embeddings, truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
+EVAL_IMAGES = 8  # the eval loss's images per class (the first ones), each at 4 fixed noise draws
+EVAL_REPEATS = 4
 
-    # VAE latents of every image and its mirror image, computed once.
-    resolution = cfg.resolution or native_resolution(unet, vae)
-    pixels = _preprocess(images, resolution)
-    if cfg.flip:
-        pixels = torch.cat([pixels, pixels.flip(-1)])
-    lat_mean, lat_std = encode_latents(vae, pixels)
-    n_train = lat_mean.shape[0]
-    n_timesteps = scheduler.config.num_train_timesteps
-    prediction = scheduler.config.prediction_type
 
-    run_config = {**asdict(cfg), "token": token, "class_name": class_name,
-                  "data": hash_folder(train_path, warn=False), "model": spec.diffusion}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses: list[float] = []
-    start = 0
-    ckpt_dir = output_dir / "checkpoints" if output_dir else None
-    if resume and ckpt_dir is not None:
-        start = _restore(ckpt_dir, run_config, vectors, optimizer, gen, losses)
+@dataclass
+class _Shared:
+    """The frozen models that every class of a loop uses (loaded once per process)."""
 
-    injector = _TokenInjector(text_encoder.get_input_embeddings(), first_id, vectors)
+    base_tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    device: str
 
-    def diverged(step: int, loss: float, what: str) -> NonFiniteTokenError:
+    @classmethod
+    def load(cls, spec: ModelSpec) -> "_Shared":
+        base_tokenizer, text_encoder = load_base_text_encoder(spec)
+        text_encoder.to(spec.device)
+        unet, vae = load_diffusion_components(spec)
+        return cls(base_tokenizer, text_encoder, unet, vae, load_scheduler(spec, "ddpm"), spec.device)
+
+    def __post_init__(self):
+        self.unet_dtype = next(self.unet.parameters()).dtype
+        self.first_id = self.text_encoder.get_input_embeddings().num_embeddings
+        self.n_timesteps = self.scheduler.config.num_train_timesteps
+        self.prediction = self.scheduler.config.prediction_type
+
+
+@dataclass
+class _Batch:
+    noisy: torch.Tensor
+    t: torch.Tensor
+    ids: torch.Tensor  # caption ids in the class's own tokenizer (its vectors at first_id, first_id + 1, ...)
+    target: torch.Tensor
+
+
+class _Learner:
+    """One class in a loop: its token's vectors, AdamW state, generator, latents, captions, losses,
+    checkpoints and divergence stop; everything its single-class run has, drawn in the same order."""
+
+    def __init__(self, index: int, item: TokenClass, cfg: TextualInversionConfig, images, shared: _Shared,
+                 spec: ModelSpec, resume: bool):
+        self.index, self.cfg, self.shared = index, cfg, shared
+        self.token, self.class_name = token, class_name = item.token, item.class_name
+        self.output_dir = Path(item.output_dir) if item.output_dir is not None else None
+        device, text_encoder = spec.device, shared.text_encoder
+
+        tokenizer = copy.deepcopy(shared.base_tokenizer)
+        names = placeholder_tokens(token, cfg.num_vectors)
+        check_new_tokens(tokenizer, names)
+        first_id = len(tokenizer)
+        tokenizer.add_tokens(names)
+        if tokenizer.convert_tokens_to_ids(names[0]) != first_id:
+            raise RuntimeError("tokenizer did not append the new token at the end of its vocabulary")
+        if shared.first_id != first_id:
+            raise ValueError("the base text encoder's vocabulary size differs from its tokenizer's")
+
+        self.init = init = initial_embedding(tokenizer, text_encoder, class_name)
+        self.init_norm = float(init.norm())
+        self.vocab_norm = float(text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).max())
+        self.vectors = init.repeat(cfg.num_vectors, 1).to(device).requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([self.vectors], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+        # Captions: the 27 templates with the placeholder, tokenized once.
+        self.caption_ids = tokenizer(
+            [t.format(" ".join(names)) for t in IMAGENET_TEMPLATES_SMALL], padding="max_length",
+            max_length=text_encoder.config.max_position_embeddings, truncation=True, return_tensors="pt",
+        ).input_ids.to(device)
+
+        # VAE latents of every image and its mirror image, computed once.
+        self.resolution = cfg.resolution or native_resolution(shared.unet, shared.vae)
+        pixels = _preprocess(images, self.resolution)
+        if cfg.flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        self.lat_mean, self.lat_std = encode_latents(shared.vae, pixels)
+        self.n_train = self.lat_mean.shape[0]
+
+        self.run_config = {**cfg.run_settings(), "token": token, "class_name": class_name,
+                           "data": hash_folder(item.train_path, warn=False), "model": spec.diffusion}
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.losses: list[float] = []
+        self.start = 0
+        self.ckpt_dir = self.output_dir / "checkpoints" if self.output_dir else None
+        if resume and self.ckpt_dir is not None:
+            self.start = _restore(self.ckpt_dir, self.run_config, self.vectors, self.optimizer, self.gen, self.losses)
+        self.step = self.start
+        self.total = 0.0
+        self.log_every = max(1, cfg.steps // 10)
+        self.initial_eval: float | None = None
+        self.error: Exception | None = None
+        self.result: TextualInversionResult | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.error is None and self.step < self.cfg.steps
+
+    def sample(self, idx: torch.Tensor, tmpl: torch.Tensor, gen: torch.Generator) -> _Batch:
+        """Images `idx` with templates `tmpl`: a latent drawn from each posterior, noise and timesteps."""
+        sh, device = self.shared, self.shared.device
+        mean, std = self.lat_mean[idx], self.lat_std[idx]
+        latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, sh.n_timesteps, (len(idx),), generator=gen).to(device)
+        noisy = sh.scheduler.add_noise(latents, noise, t)
+        target = noise if sh.prediction == "epsilon" else sh.scheduler.get_velocity(latents, noise, t)
+        return _Batch(noisy, t, self.caption_ids[tmpl], target)
+
+    def draw(self) -> _Batch:
+        """One micro-batch of training, from this class's generator."""
+        b = self.cfg.batch_size
+        idx = torch.randint(0, self.n_train, (b,), generator=self.gen)
+        tmpl = torch.randint(0, len(IMAGENET_TEMPLATES_SMALL), (b,), generator=self.gen)
+        return self.sample(idx, tmpl, self.gen)
+
+    def eval_draws(self) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+        """The same images, captions, noise and timesteps every time, so before/after compare."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        idx = torch.arange(min(self.n_train, EVAL_IMAGES))
+        tmpl = torch.randint(0, len(IMAGENET_TEMPLATES_SMALL), (len(idx),), generator=gen)
+        return gen, idx, tmpl
+
+    def diverged(self, step: int, loss: float, what: str) -> NonFiniteTokenError:
         return NonFiniteTokenError(
-            f"textual inversion of {token} ({class_name}) diverged at step {step}: {what}; "
-            f"lower textual_inversion.learning_rate (now {cfg.learning_rate:g})",
-            token=token, step=step, loss=loss)
+            f"textual inversion of {self.token} ({self.class_name}) diverged at step {step}: {what}; "
+            f"lower textual_inversion.learning_rate (now {self.cfg.learning_rate:g})",
+            token=self.token, step=step, loss=loss)
 
-    def loss_on(idx, tmpl, noise_gen) -> torch.Tensor:
-        latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=noise_gen).to(device)
-        noise = torch.randn(latents.shape, generator=noise_gen).to(device)
-        t = torch.randint(0, n_timesteps, (len(idx),), generator=noise_gen).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        hidden = text_encoder(caption_ids[tmpl])[0]
-        pred = unet(noisy.to(unet_dtype), t, hidden.to(unet_dtype)).sample.float()
-        target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        return F.mse_loss(pred, target)
+    def fail(self, exc: Exception) -> None:
+        self.error = exc
+        self.vectors.grad = None
 
-    def eval_loss() -> float:
-        # The same images, captions, noise and timesteps every time, so before/after compare.
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        idx = torch.arange(min(n_train, 8))
-        tmpl = torch.randint(0, len(IMAGENET_TEMPLATES_SMALL), (len(idx),), generator=g)
-        with torch.no_grad():
-            return float(sum(loss_on(idx, tmpl, g) for _ in range(4)) / 4)
+    def finish_step(self, progress) -> None:
+        """The update after a step's micro-batches: stop at the first non-finite loss or vector (`total`
+        is already on the host, and the vectors are a few numbers), so nothing non-finite reaches a
+        checkpoint or the token file; then progress, log and checkpoint."""
+        cfg, total, done = self.cfg, self.total, self.step + 1
+        if not math.isfinite(total):
+            return self.fail(self.diverged(done, total, f"the loss is {total}"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.pin_norm:
+            with torch.no_grad():
+                self.vectors.mul_(self.init_norm / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if not bool(torch.isfinite(self.vectors).all()):
+            return self.fail(self.diverged(done, total, f"the learned vectors are not finite (loss {total:.4g})"))
+        self.losses.append(total)
+        self.step = done
+        if progress is not None:
+            progress(self.index, done, cfg.steps, total)
+        if done % self.log_every == 0 or done == cfg.steps:
+            log.info("%s: step %d/%d loss %.4f", self.token, done, cfg.steps, total)
+        if self.ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            try:
+                _save_checkpoint(self.ckpt_dir, done, self.run_config, self.vectors, self.optimizer, self.gen,
+                                 self.losses)
+            except OSError as exc:  # e.g. a full disk: this class stops, the others may still fit
+                self.fail(exc)
 
+    def finish(self, final_eval: float) -> None:
+        """The result, and with an output_dir its token file and loss.json."""
+        result = TextualInversionResult(
+            token=self.token, class_name=self.class_name, embeds=self.vectors.detach().float().cpu().clone(),
+            losses=self.losses, initial_eval_loss=self.initial_eval, final_eval_loss=final_eval,
+            init_norm=self.init_norm, vocab_norm=self.vocab_norm, steps=self.cfg.steps,
+            resumed_from=self.start, output_dir=self.output_dir, config=self.run_config,
+        )
+        if self.output_dir is not None:
+            try:
+                save_learned_embeds(self.output_dir / EMBEDS_FILE, self.token, result.embeds)
+                write_json(self.output_dir / LOSS_FILE, {
+                    "token": self.token, "class_name": self.class_name, "losses": self.losses,
+                    "initial_eval_loss": self.initial_eval, "final_eval_loss": final_eval,
+                    "init_norm": self.init_norm, "resumed_from": self.start, "config": self.run_config,
+                })
+            except (OSError, ValueError) as exc:
+                return self.fail(exc)
+        self.result = result
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _forward_losses(learners: list[_Learner], batches: list[_Batch], shared: _Shared,
+                    injector: _TokenInjector) -> list[torch.Tensor]:
+    """One text-encoder and one UNet pass over the classes' concatenated batches; each class's own
+    mean squared error. Class k's placeholder ids move past the vectors of the classes before it."""
+    injector.vectors = _cat([learner.vectors for learner in learners])
+    ids, offset = [], 0
+    for learner, batch in zip(learners, batches):
+        ids.append(torch.where(batch.ids >= shared.first_id, batch.ids + offset, batch.ids) if offset else batch.ids)
+        offset += learner.vectors.shape[0]
+    hidden = shared.text_encoder(_cat(ids))[0]
+    noisy, t = _cat([b.noisy for b in batches]), _cat([b.t for b in batches])
+    pred = shared.unet(noisy.to(shared.unet_dtype), t, hidden.to(shared.unet_dtype)).sample.float()
+    preds = [pred] if len(batches) == 1 else pred.split([len(b.t) for b in batches])
+    return [F.mse_loss(p, b.target) for p, b in zip(preds, batches)]
+
+
+def _eval_losses(learners: list[_Learner], shared: _Shared, injector: _TokenInjector, cap: int) -> list[float]:
+    """Each class's eval loss, as its single run computes it: the mean of EVAL_REPEATS draws on its
+    first images. Classes share a pass while their images fit in `cap`."""
+    draws = [learner.eval_draws() for learner in learners]
+    sums: list = [0] * len(learners)
+    chunks, size = [], cap
+    for i, (_, idx, _) in enumerate(draws):
+        if size + len(idx) > cap:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += len(idx)
+    with torch.no_grad():
+        for chunk in chunks:
+            for _ in range(EVAL_REPEATS):
+                batches = [learners[i].sample(draws[i][1], draws[i][2], draws[i][0]) for i in chunk]
+                losses = _forward_losses([learners[i] for i in chunk], batches, shared, injector)
+                for i, loss in zip(chunk, losses):
+                    sums[i] = sums[i] + loss
+    return [float(s / EVAL_REPEATS) for s in sums]
+
+
+def _train_together(learners: list[_Learner], shared: _Shared, progress) -> None:
+    """The shared loop: every running class takes one step per iteration (classes resumed from
+    different steps run side by side, each on its own count); its result or error is left on it."""
+    # an eval pass holds no more images than a training pass (or than one class's eval in a single run)
+    cap = max(EVAL_IMAGES, sum(learner.cfg.batch_size for learner in learners))
+    injector = _TokenInjector(shared.text_encoder.get_input_embeddings(), shared.first_id, None)
     try:
         with torch.no_grad():
-            saved = vectors.detach().clone()
-            vectors.copy_(init.repeat(cfg.num_vectors, 1))
-            initial_eval = eval_loss()
-            vectors.copy_(saved)
-        if start:
-            log.info("resuming textual inversion of %s from step %d", token, start)
-        log_every = max(1, cfg.steps // 10)
-        for step in range(start, cfg.steps):
-            total = 0.0
-            for _ in range(cfg.gradient_accumulation):
-                idx = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
-                tmpl = torch.randint(0, len(IMAGENET_TEMPLATES_SMALL), (cfg.batch_size,), generator=gen)
-                loss = loss_on(idx, tmpl, gen) / cfg.gradient_accumulation
-                loss.backward()
-                total += loss.detach().item()
-            # Stop at the first non-finite loss or vector: `total` is already on the host, and the
-            # vectors are a few numbers. Nothing non-finite reaches a checkpoint or the token file.
-            if not math.isfinite(total):
-                raise diverged(step + 1, total, f"the loss is {total}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.pin_norm:
-                with torch.no_grad():
-                    vectors.mul_(init_norm / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            if not bool(torch.isfinite(vectors).all()):
-                raise diverged(step + 1, total, f"the learned vectors are not finite (loss {total:.4g})")
-            losses.append(total)
-            done = step + 1
-            if progress is not None:
-                progress(done, cfg.steps, total)
-            if done % log_every == 0 or done == cfg.steps:
-                log.info("%s: step %d/%d loss %.4f", token, done, cfg.steps, total)
-            if ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                _save_checkpoint(ckpt_dir, done, run_config, vectors, optimizer, gen, losses)
-        final_eval = eval_loss()
+            saved = [learner.vectors.detach().clone() for learner in learners]
+            for learner in learners:
+                learner.vectors.copy_(learner.init.repeat(learner.cfg.num_vectors, 1))
+            initial = _eval_losses(learners, shared, injector, cap)
+            for learner, vectors in zip(learners, saved):
+                learner.vectors.copy_(vectors)
+        for learner, loss in zip(learners, initial):
+            learner.initial_eval = loss
+            if learner.start:
+                log.info("resuming textual inversion of %s from step %d", learner.token, learner.start)
+        active = [learner for learner in learners if learner.running]
+        while active:
+            for learner in active:
+                learner.total = 0.0
+            for micro in range(max(learner.cfg.gradient_accumulation for learner in active)):
+                part = [learner for learner in active if micro < learner.cfg.gradient_accumulation]
+                batches = [learner.draw() for learner in part]
+                losses = [loss / learner.cfg.gradient_accumulation
+                          for learner, loss in zip(part, _forward_losses(part, batches, shared, injector))]
+                (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+                for learner, value in zip(part, torch.stack([loss.detach() for loss in losses]).tolist()):
+                    learner.total += value
+            for learner in active:
+                learner.finish_step(progress)
+                if learner.error is not None and len(learners) > 1:
+                    log.warning("textual inversion of %s stopped, the others go on: %s", learner.token,
+                                learner.error)
+            active = [learner for learner in active if learner.running]
+        trained = [learner for learner in learners if learner.error is None]
+        finals = _eval_losses(trained, shared, injector, cap)
     finally:
         injector.remove()
-
-    result = TextualInversionResult(
-        token=token, class_name=class_name, embeds=vectors.detach().float().cpu().clone(), losses=losses,
-        initial_eval_loss=initial_eval, final_eval_loss=final_eval, init_norm=init_norm, vocab_norm=vocab_norm,
-        steps=cfg.steps,
-        resumed_from=start, output_dir=output_dir, config=run_config,
-    )
-    if output_dir is not None:
-        save_learned_embeds(output_dir / EMBEDS_FILE, token, result.embeds)
-        write_json(output_dir / LOSS_FILE, {
-            "token": token, "class_name": class_name, "losses": losses,
-            "initial_eval_loss": initial_eval, "final_eval_loss": final_eval,
-            "init_norm": init_norm, "resumed_from": start, "config": run_config,
-        })
-    return result
+    for learner, loss in zip(trained, finals):
+        learner.finish(loss)
 
 
 def save_learned_embeds(path, token: str, embeds: torch.Tensor) -> None:
