@@ -54,8 +54,26 @@ TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers
                          projection_dim=32)
 
 FULL = dict(resolution=768, ti_steps=30, ti_warmup=5, gen_steps=50, batches=(1, 8), clip_images=256,
-            tiny_ti_steps=20)
-DRY = dict(resolution=64, ti_steps=4, ti_warmup=1, gen_steps=2, batches=(1, 8), clip_images=16, tiny_ti_steps=3)
+            tiny_ti_steps=20, multi_k=(1, 8, 32), multi_steps=6)
+DRY = dict(resolution=64, ti_steps=4, ti_warmup=1, gen_steps=2, batches=(1, 8), clip_images=16, tiny_ti_steps=3,
+           multi_k=(1, 2), multi_steps=3)
+H200_BF16_TFLOPS = 989.4  # dense bf16 peak of an H200 SXM (NVIDIA's data sheet; 1979 is with sparsity)
+
+
+def unet_forward_flops(spec, res_px: int) -> float:
+    """FLOPs of one UNet forward pass on one image (torch's FlopCounterMode: matmuls and convolutions)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from di_assets.ml.models import load_diffusion_components
+
+    unet, _ = load_diffusion_components(spec.resolved())
+    lat = res_px // 8
+    x = torch.randn(1, unet.config.in_channels, lat, lat, device=unet.device, dtype=unet.dtype)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500], device=unet.device), ctx)
+    return float(counter.get_total_flops())
 
 
 class Meter:
@@ -142,6 +160,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the script, not the GPU")
     ap.add_argument("--compile", action="store_true", help="ModelSpec(compile=True) for the SD2 rows")
     ap.add_argument("--channels-last", action="store_true", help="ModelSpec(channels_last=True) for the SD2 rows")
+    ap.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
+                    help="the GPU's dense bf16 peak, TFLOP/s (default: H200's %(default)s)")
     args = ap.parse_args()
     start = time.perf_counter()
 
@@ -207,6 +227,31 @@ def main():
             return f"{rate:.2f} steps/s (steps {p['ti_warmup'] + 1}-{p['ti_steps']}; the time includes loading)"
 
         row(f"textual inversion, {res_px} px, batch 1", textual_inversion)
+
+        # Multi-class textual inversion: K classes in one loop (one UNet pass over K images a step).
+        # The UNet's weights are frozen, so a training step costs about 2 forward passes (activation
+        # gradients only): the achieved fraction of the bf16 peak counts 2 x forward FLOPs per class-step.
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_multi_ti import measure
+
+        flops = unet_forward_flops(spec, res_px)
+        base_rate = []
+
+        def multi(k):
+            try:
+                r = measure("together", k, p["multi_steps"], device, family="sd", diffusion=str(tmp / "sd2"),
+                            resolution=res_px, batch_size=1)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                return "out of memory"
+            rate = r["loop"]
+            base_rate.append(rate) if k == 1 else None
+            share = rate * 2 * flops / (args.peak_tflops * 1e12)
+            return (f"{rate:.2f} class-steps/s ({rate / base_rate[0]:.1f}x K=1), UNet at "
+                    f"{100 * share:.1f}% of {args.peak_tflops:g} TFLOP/s bf16" if base_rate else f"{rate:.2f} class-steps/s")
+
+        for k in p["multi_k"]:
+            row(f"multi-class textual inversion, K={k}, {res_px} px, batch 1 per class", lambda k=k: multi(k))
         row("encoder root (1 token)", lambda: create_token_dictionary(
             learned, ["<bench>"], ["circle"], tmp / "root", model=spec) and "saved")
 
