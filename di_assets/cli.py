@@ -112,21 +112,36 @@ def cmd_run(args) -> int:
         logging.getLogger("dagster").setLevel(logging.WARNING)
     t0 = time.time()
 
-    def step(label, selection, partitions=1, **kw):
+    def step(label, selection, partitions=1, ranges=None):
+        """One stage: one run, or one run per range of its partitions (see LocalDriver.ranges)."""
         t = time.time()
-        try:
-            job.execute_in_process(
-                instance=instance, tags={**run_tags(), **settings_tag, **kw.pop("tags", {})},
-                run_config=run_loggers(log_file, args.verbose, label.split(":")[0], partitions, args.log_level),
-                asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s) for s in selection], **kw)
-        except Exception as exc:  # the stage's own error, in one line; its traceback is in the log file
-            cause = getattr(exc, "user_exception", None) or exc
-            raise SystemExit(f"error: {label.split(':')[0]} failed: {str(cause).strip().splitlines()[0]} "
-                             f"(the run's log: {log_file})") from None
-        print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s)", flush=True)
+        for i, (first, last) in enumerate(ranges or [(None, None)], 1):
+            tags = {} if first is None else {"dagster/asset_partition_range_start": first,
+                                              "dagster/asset_partition_range_end": last}
+            part = f"{label} [{i}/{len(ranges)}]" if ranges and len(ranges) > 1 else label
+            size = partitions if not ranges or len(ranges) == 1 else _range_size(selection[0], first, last)
+            try:
+                job.execute_in_process(
+                    instance=instance, tags={**run_tags(), **settings_tag, **tags},
+                    run_config=run_loggers(log_file, args.verbose, part.split(":")[0], size, args.log_level),
+                    asset_selection=[s if isinstance(s, dg.AssetKey) else dg.AssetKey(s) for s in selection])
+            except Exception as exc:  # the stage's own error, in one line; its traceback is in the log file
+                cause = getattr(exc, "user_exception", None) or exc
+                raise SystemExit(f"error: {label.split(':')[0]} failed: {str(cause).strip().splitlines()[0]} "
+                                 f"(the run's log: {log_file})") from None
+        runs = f", {len(ranges)} runs" if ranges and len(ranges) > 1 else ""
+        print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s{runs})", flush=True)
 
-    def over(first, last):  # one run over a range of partitions: models load once for all of them
-        return {"tags": {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}}
+    def _range_size(asset, first, last) -> int:
+        pdef = defs.resolve_assets_def(asset if isinstance(asset, dg.AssetKey) else dg.AssetKey(asset)).partitions_def
+        return len(pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last), dynamic_partitions_store=instance))
+
+    def every(asset) -> list[tuple[str, str]]:
+        """All partitions of `asset` as few runs, each small enough that Dagster's records of a run stay
+        small (a run's planned-check records grow with its partitions squared), models loaded once."""
+        key = asset if isinstance(asset, dg.AssetKey) else dg.AssetKey(asset)
+        keys = defs.resolve_assets_def(key).partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+        return driver.ranges(key.to_user_string(), {str(k) for k in keys})
 
     driver = LocalDriver(defs, instance, run_loggers(log_file, args.verbose, log_level=args.log_level, bar=False),
                          settings_tag)
@@ -141,25 +156,22 @@ def cmd_run(args) -> int:
 
     driver.observe()
     n, grid = len(classes), len(classes) * len(shifts)
-    # the whole class x shift grid in one run: a rectangle of class x shift keys, or every class
-    everything = (over(classes[0], classes[-1]) if settings.partition_grain == "class"
-                  else over(f"{classes[0]}|{shifts[0]}", f"{classes[-1]}|{shifts[-1]}"))
-    step(f"class_token: {n} classes", ["class_token"], n, **over(classes[0], classes[-1]))
+    step(f"class_token: {n} classes", ["class_token"], n, every("class_token"))
     step("encoder_root", ["encoder_root"])
     step(f"counterfactuals + clip_scores: {len(classes)} classes x {len(shifts)} shifts",
-         ["counterfactuals", "clip_scores"], grid, **everything)
+         ["counterfactuals", "clip_scores"], grid, every("counterfactuals"))
     if settings.baseline:
         step(f"baseline (class names): {len(classes)} classes x {len(shifts)} shifts",
-             ["baseline_counterfactuals", "baseline_scores"], grid, **everything)
+             ["baseline_counterfactuals", "baseline_scores"], grid, every("baseline_counterfactuals"))
     step("scores_db", ["scores_db"])
     classifiers = [c.name for c in settings.classifier_specs()]
     if classifiers:
         from di_assets.defs.predictions import prediction_key, real_prediction_key
 
         step(f"real_predictions: {len(classifiers)} classifiers x {len(classes)} classes",
-             [real_prediction_key(c) for c in classifiers], n, **over(classes[0], classes[-1]))
+             [real_prediction_key(c) for c in classifiers], n, every(real_prediction_key(classifiers[0])))
         step(f"predictions: {len(classifiers)} classifiers x {len(classes)} classes x {len(shifts)} shifts",
-             [prediction_key(c) for c in classifiers], grid, **everything)
+             [prediction_key(c) for c in classifiers], grid, every(prediction_key(classifiers[0])))
         step("diagnosis", ["diagnosis"])
     print(f"\ndone in {time.time() - t0:.1f}s. Results under {storage}:")
     print(f"  tokens        {storage / 'tokens'}/<class>/learned_embeds.safetensors")

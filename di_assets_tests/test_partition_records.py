@@ -208,12 +208,34 @@ def test_the_driver_runs_whole_rows_of_classes_as_rectangles(tmp_path):
         # every shift of every class, except two shifts of c100 and the classes from c200 on wanting only base
         wanted = {f"{c}|{s}" for c in keys for s in shifts
                   if not (c == "c100" and s in shifts[2:4]) and (c < "c200" or s == "base")}
-        ranges = driver._ranges("counterfactuals", wanted)
+        ranges = driver.ranges("counterfactuals", wanted)
         covered = []
         for first, last in ranges:
             covered += [str(k) for k in pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last),
                                                                             dynamic_partitions_store=instance)]
         assert sorted(covered) == sorted(wanted) and len(covered) == len(set(covered))
-        assert len(ranges) <= 6
+        # c000-c099 and c101-c199 in rectangles of 8 classes x 6 shifts (48 partitions): 13 + 13; c100's two
+        # runs of shifts: 2; c200-c299's base: 48 + 48 + 4 classes: 3
+        assert len(ranges) == 13 + 2 + 13 + 3
         assert all(len(pdef.get_partition_keys_in_range(dg.PartitionKeyRange(*r), dynamic_partitions_store=instance))
                    <= RUN_PARTITIONS for r in ranges)
+
+
+def test_progress_lines_are_the_first_the_last_and_a_few_between():
+    from di_assets.defs.progress import ProgressLines
+
+    class Log:
+        lines: list = []
+
+        def info(self, text):
+            self.lines.append(text)
+
+    log = Log()
+    progress = ProgressLines(log, 1000, every=3600)
+    for i in range(1, 1001):
+        progress(i, f"pair {i}")
+    assert log.lines == ["pair 1 (1/1000 partitions)", "pair 1000 (1000/1000 partitions)"]
+    every = ProgressLines(log, 3, every=0)
+    for i in range(1, 4):
+        every(i, "x")
+    assert len(log.lines) == 5

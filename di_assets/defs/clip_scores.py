@@ -6,7 +6,7 @@ from di_assets.ml.shifts import Shift, class_caption
 
 from .checks import by_partition, emit, partitioned_checks, run_partition_keys
 from .executors import gpu_tags
-from .progress import partition_progress
+from .progress import ProgressLines
 from .metadata import table_schema
 from .partitions import OWNERS, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
@@ -83,6 +83,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         index = {k: i for i, k in enumerate(class_keys)}
         captions = [class_caption(c.name) for c in classes.values()]
         work = partition_pairs(context, shift_keys)
+        progress = ProgressLines(context.log, len(work))
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             scorer = get_scorer(spec)
@@ -140,8 +141,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                                                                  sim_shift.tolist(), reasons)
                                   if why is not None][:DROPPED_PREVIEW - len(part["drops"])]
                 part["dropped"] = part.get("dropped", 0) + n - sum(kept)
-                context.log.info(f"{key} / {shift_key}: {sum(kept)}/{n} kept, mean sim_class {_mean(sim_class):.3f} "
-                                 f"{partition_progress(len(stats), len(work))}")
+                progress(len(stats), f"{key} / {shift_key}: {sum(kept)}/{n} kept, mean sim_class {_mean(sim_class):.3f}")
                 if len(stats) < len(work) and work[len(stats)][0] == pkey:
                     continue  # the partition has more shifts to score
                 # Each partition's own record, also in a run over many partitions: its numbers (the UI's

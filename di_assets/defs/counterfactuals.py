@@ -8,7 +8,7 @@ from di_assets.ml.shifts import Shift
 from .checks import by_partition, emit, failed_partitions, name_list, partitioned_checks, run_partition_keys
 from .class_token import TOKEN_CHECK
 from .executors import gpu_tags
-from .progress import partition_progress
+from .progress import ProgressLines
 from .partitions import OWNERS, missing_or_changed, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
 
@@ -83,6 +83,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
         from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
 
         work = partition_pairs(context, shift_keys)
+        progress = ProgressLines(context.log, len(work))
         if not baseline:  # before any work (and before it holds a GPU)
             refuse_failed_tokens(context.instance, list(dict.fromkeys(c for _, c, _ in work)))
         # On a machine with several GPUs, this step holds one of them until it ends.
@@ -117,7 +118,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                                    for s in samples],
                     }, indent=2) + "\n")
                 rows.setdefault(pkey, []).append((shift_key, first))
-                context.log.info(f"{key} / {shift_key}: {n} images {partition_progress(i, len(work))}")
+                progress(i, f"{key} / {shift_key}: {n} images")
                 if i < len(work) and work[i][0] == pkey:
                     continue  # the partition has more shifts to make
                 # Each partition's own record, also in a run over many partitions: a few hundred bytes.

@@ -19,9 +19,12 @@ ORDER = ["class_token", "encoder_root", "counterfactuals", "clip_scores", "basel
          "baseline_scores", "scores_db"]
 # then the diagnosis: each classifier's predictions (named "<prefix>/<classifier>"), then its report
 DIAGNOSIS_ORDER = ["real_predictions", "predictions", "diagnosis"]
-# The most partitions one run materializes: large enough that a run's start-up is paid rarely, small
-# enough that a failed run loses little and its records are written as it goes.
-RUN_PARTITIONS = 1200
+# The most partitions one run materializes. Small enough that Dagster's records of a run stay small:
+# at its start a run stores one planned row per partition of each partitioned check, and each row holds
+# the run's whole partition list, so a run's records grow with its partitions squared (a run of 2,400
+# class x shift partitions left 250 MB in the instance). Large enough that a run's start-up is paid
+# rarely; the models stay loaded across the runs of one process. 48 = two classes of 24 shifts.
+RUN_PARTITIONS = 48
 
 
 def _runs_of(indices: list[int], most: int) -> list[tuple[int, int]]:
@@ -106,7 +109,7 @@ class LocalDriver:
             if keys == {None}:
                 self.materialize(names)
                 continue
-            for first, last in self._ranges(names[0], keys):
+            for first, last in self.ranges(names[0], keys):
                 if first == last:
                     self.materialize(names, partition_key=first)
                 else:
@@ -119,7 +122,7 @@ class LocalDriver:
     def _same_partitions(self, a: str, b: str) -> bool:
         return self._def(a).partitions_def == self._def(b).partitions_def
 
-    def _ranges(self, name: str, keys: set) -> list[tuple[str, str]]:
+    def ranges(self, name: str, keys: set) -> list[tuple[str, str]]:
         """Split requested keys into ranges, each one run (its models load once).
 
         Class x shift keys form rectangles (Dagster reads a multi-partition range as classes

@@ -12,7 +12,7 @@ import dagster as dg
 
 from .class_images import class_images
 from .executors import gpu_tags
-from .progress import partition_progress
+from .progress import ProgressLines
 from .metadata import table_schema
 from .partitions import CLASSES, OWNERS, missing_or_changed, partition_pairs
 from .resources import ModelResource, StorageResource
@@ -81,6 +81,7 @@ def build_predictions(spec, partitions_def, code_version: str, shift_keys: list[
         from di_assets.ml.io import atomic_path
 
         work = partition_pairs(context, shift_keys)
+        progress = ProgressLines(context.log, len(work))
         with models.leased_spec() as mspec:
             clf, classes, targets = _load(spec, storage, mspec.device)
             acc: dict[str, list[int]] = {}  # the partition's rows, correct, kept, kept and correct so far
@@ -96,8 +97,7 @@ def build_predictions(spec, partitions_def, code_version: str, shift_keys: list[
                 part[1] += sum(right)
                 part[2] += sum(kept)
                 part[3] += sum(c and k for c, k in zip(right, kept))
-                context.log.info(f"{spec.name}: {key} / {shift}: {sum(right)}/{table.num_rows} correct "
-                                 f"{partition_progress(i, len(work))}")
+                progress(i, f"{spec.name}: {key} / {shift}: {sum(right)}/{table.num_rows} correct")
                 if i < len(work) and work[i][0] == pkey:
                     continue  # the partition has more shifts
                 # each partition's own record, also in a run over many partitions

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
 import dagster as dg
 
@@ -19,6 +20,21 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 def partition_progress(done: int, total: int) -> str:
     """The suffix an asset's per-partition log line ends with, so the command line's bar advances."""
     return f"({done}/{total} partitions)"
+
+
+class ProgressLines:
+    """Per-partition progress lines for a run over many partitions: the first, the last, and at most one
+    every `every` seconds in between. Each line is an event in Dagster's log; one per partition was a
+    quarter of a large run's events."""
+
+    def __init__(self, log, total: int, every: float = 5.0):
+        self.log, self.total, self.every, self.last = log, total, every, None
+
+    def __call__(self, done: int, message: str) -> None:
+        now = time.monotonic()
+        if done in (1, self.total) or self.last is None or now - self.last >= self.every:
+            self.log.info(f"{message} {partition_progress(done, self.total)}")
+            self.last = now
 
 
 class _Bar(logging.Handler):
