@@ -1,6 +1,6 @@
 """Dagster's Postgres storage, on a real PostgreSQL server that the test starts itself.
 
-The server is Debian's (package `postgresql`, which scripts/setup.sh installs): its binaries are found on
+The server is Debian's (package `postgresql`, which scripts/test_tools.sh installs): its binaries are found on
 PATH or under /usr/lib/postgresql/*/bin. `initdb` makes a cluster in a temporary folder with a password
 for its superuser, and `pg_ctl` starts it on a free port of 127.0.0.1 (its socket in the same folder).
 initdb and postgres refuse to run as root, so as root the server runs as the `postgres` user. Each test
@@ -39,9 +39,9 @@ SUPERUSER = "di_assets"
 def _unavailable(why: str):
     """No server: a clear failure under CI, a skip elsewhere."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{why}; the Postgres test needs it in CI (`bash scripts/setup.sh` installs Debian's "
+        pytest.fail(f"{why}; the Postgres test needs it in CI (`bash scripts/test_tools.sh` installs Debian's "
                     "`postgresql` package and the `postgres` extra)", pytrace=False)
-    pytest.skip(f"{why} (`bash scripts/setup.sh` installs it)")
+    pytest.skip(f"{why} (`bash scripts/test_tools.sh` installs it)")
 
 
 def _server_bin() -> Path:

@@ -49,9 +49,9 @@ RUN_TIMEOUT = 150  # seconds for one run (or backfill) to finish; the tiny model
 def _unavailable(why: str):
     """No browser: a clear failure under CI, a skip elsewhere."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{why}; the UI test needs it in CI (`bash scripts/setup.sh` installs chromium and chromium-driver)",
+        pytest.fail(f"{why}; the UI test needs it in CI (`bash scripts/test_tools.sh` installs chromium and chromium-driver)",
                     pytrace=False)
-    pytest.skip(f"{why} (`bash scripts/setup.sh` installs it)")
+    pytest.skip(f"{why} (`bash scripts/test_tools.sh` installs it)")
 
 
 def _browser_paths() -> tuple[str, str]:
