@@ -133,8 +133,8 @@ def cmd_run(args) -> int:
         print(f"  [{time.time() - t0:6.1f}s] {label} ({time.time() - t:.1f}s{runs})", flush=True)
 
     def _range_size(asset, first, last) -> int:
-        pdef = defs.resolve_assets_def(asset if isinstance(asset, dg.AssetKey) else dg.AssetKey(asset)).partitions_def
-        return len(pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last), dynamic_partitions_store=instance))
+        return driver.range_size((asset if isinstance(asset, dg.AssetKey) else dg.AssetKey(asset)).to_user_string(),
+                                 first, last)
 
     def every(asset) -> list[tuple[str, str]]:
         """All partitions of `asset` as few runs, each small enough that Dagster's records of a run stay

@@ -25,6 +25,40 @@ def test_every_command_has_help(cmd):
 
 
 @pytest.mark.slow
+def test_a_run_over_many_partitions_is_split_into_small_runs(tmp_path):
+    """3 classes x 24 shifts: counterfactuals and scores in runs of at most 48 partitions (two classes'
+    rows, then one), each partition once, and Dagster's records of a run stay small."""
+    import dagster as dg
+
+    from di_assets.defs.driver import RUN_PARTITIONS
+
+    data = copy_classes(tmp_path / "data", classes=("circle", "square", "star"), per_class=2)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("dataset: data\nstorage: store\nclassifiers: []\n"
+                   "textual_inversion: {steps: 2}\ngeneration: {num_samples: 1, num_inference_steps: 2}\n")
+    (tmp_path / "home").mkdir()
+    out = di("run", "--config", str(cfg), env={"DAGSTER_HOME": str(tmp_path / "home")}).stdout
+    assert "counterfactuals + clip_scores: 3 classes x 24 shifts" in out and ", 2 runs)" in out
+    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "home"))
+    for asset in ("counterfactuals", "clip_scores"):
+        records = instance.fetch_materializations(dg.AssetKey(asset), limit=1000).records
+        assert sorted(r.asset_materialization.partition for r in records) == sorted(
+            f"{c}|{s}" for c in ("circle", "square", "star") for s in _catalog_keys())
+        sizes = {}
+        for r in records:
+            sizes[r.run_id] = sizes.get(r.run_id, 0) + 1
+        assert sorted(sizes.values()) == [24, RUN_PARTITIONS]
+    q = di("query", "--config", str(cfg), "SELECT count(*) AS n FROM scores").stdout
+    assert q.splitlines()[2].split() == ["72"]
+
+
+def _catalog_keys() -> list[str]:
+    from di_assets.ml.shifts import select_shifts
+
+    return [s.key for s in select_shifts(None)]
+
+
+@pytest.mark.slow
 def test_run_then_query(tmp_path):
     data = copy_classes(tmp_path / "data", per_class=4)
     cfg = tmp_path / "config.yaml"

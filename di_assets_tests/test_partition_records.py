@@ -219,6 +219,8 @@ def test_the_driver_runs_whole_rows_of_classes_as_rectangles(tmp_path):
         assert len(ranges) == 13 + 2 + 13 + 3
         assert all(len(pdef.get_partition_keys_in_range(dg.PartitionKeyRange(*r), dynamic_partitions_store=instance))
                    <= RUN_PARTITIONS for r in ranges)
+        assert sum(driver.range_size("counterfactuals", *r) for r in ranges) == len(wanted)
+        assert driver.range_size("class_token", "c010", "c019") == 10
 
 
 def test_progress_lines_are_the_first_the_last_and_a_few_between():

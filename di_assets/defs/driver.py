@@ -137,6 +137,17 @@ class LocalDriver:
         at = {k: i for i, k in enumerate(order)}
         return [(order[lo], order[hi]) for lo, hi in _runs_of(sorted(at[str(k)] for k in keys), RUN_PARTITIONS)]
 
+    def range_size(self, name: str, first: str, last: str) -> int:
+        """How many partitions of `name` a range holds (a rectangle for class x shift keys)."""
+        pdef = self._def(name).partitions_def
+        if isinstance(pdef, dg.MultiPartitionsDefinition):
+            shifts = list({d.name: d.partitions_def for d in pdef.partitions_defs}["shift"].get_partition_keys())
+            classes = list(self.instance.get_dynamic_partitions(CLASSES.name))
+            (c0, s0), (c1, s1) = first.split("|"), last.split("|")
+            return (classes.index(c1) - classes.index(c0) + 1) * (shifts.index(s1) - shifts.index(s0) + 1)
+        order = [str(k) for k in pdef.get_partition_keys(dynamic_partitions_store=self.instance)]
+        return order.index(last) - order.index(first) + 1
+
     def _rectangles(self, pdef: dg.MultiPartitionsDefinition, keys: set) -> list[tuple[str, str]]:
         dims = {d.name: d.partitions_def for d in pdef.partitions_defs}
         classes = list(self.instance.get_dynamic_partitions(CLASSES.name))

@@ -133,10 +133,15 @@ def initial_embedding(tokenizer, text_encoder, class_name: str) -> torch.Tensor:
 
 class _TokenInjector:
     """Forward hooks that map ids >= `first_id` to rows of `vectors` without resizing the layer
-    (`vectors` may be replaced between forwards: the loop sets the rows of the classes in a batch)."""
+    (`vectors` may be replaced between forwards: the loop sets the rows of the classes in a batch).
+
+    No host sync: the placeholders are selected with `torch.where`, never by a boolean index (whose
+    size the host must read back from the device), so a step's kernels queue up without a stall
+    and the text encoder can be traced whole by torch.compile. The values are those of writing the
+    rows into a copy of the output; the vectors' gradient sums the same terms plus zeros."""
 
     def __init__(self, embedding: torch.nn.Embedding, first_id: int, vectors: torch.Tensor | None):
-        self.first_id, self.vectors, self._mask = first_id, vectors, None
+        self.first_id, self.vectors, self._ids = first_id, vectors, None
         self._handles = [
             embedding.register_forward_pre_hook(self._pre),
             embedding.register_forward_hook(self._post),
@@ -144,18 +149,13 @@ class _TokenInjector:
 
     def _pre(self, module, args):
         ids = args[0]
-        self._mask = ids >= self.first_id
         self._ids = ids
         return (ids.clamp(max=self.first_id - 1),)
 
     def _post(self, module, args, out):
-        mask = self._mask
-        if not mask.any():
-            return out
-        rows = self.vectors[(self._ids[mask] - self.first_id)].to(out.dtype)
-        out = out.clone()
-        out[mask] = rows
-        return out
+        ids, self._ids = self._ids, None
+        rows = self.vectors[(ids - self.first_id).clamp(min=0)].to(out.dtype)
+        return torch.where((ids >= self.first_id).unsqueeze(-1), rows, out)
 
     def remove(self):
         for h in self._handles:
@@ -327,9 +327,25 @@ class _Shared:
 
     def __post_init__(self):
         self.unet_dtype = next(self.unet.parameters()).dtype
-        self.first_id = self.text_encoder.get_input_embeddings().num_embeddings
+        embedding = self.text_encoder.get_input_embeddings()
+        self.first_id = embedding.num_embeddings
+        # the scale of a real word: the largest row norm of the base vocabulary (the same for every class)
+        self.vocab_norm = float(embedding.weight.detach().norm(dim=-1).max())
         self.n_timesteps = self.scheduler.config.num_train_timesteps
         self.prediction = self.scheduler.config.prediction_type
+        # The noise schedule's per-timestep factors, once, on the device: the scheduler's add_noise and
+        # get_velocity recompute them from alphas_cumprod at every call (bitwise the same values).
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.sqrt_alpha = alphas_cumprod ** 0.5
+        self.sqrt_one_minus_alpha = (1 - alphas_cumprod) ** 0.5
+
+    def noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noisy latents at timesteps `t` and the UNet's target: the scheduler's `add_noise`, and
+        `noise` (epsilon prediction) or `get_velocity` (v prediction), computed as they compute them."""
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        a, s = self.sqrt_alpha[t].view(shape), self.sqrt_one_minus_alpha[t].view(shape)
+        noisy = a * latents + s * noise
+        return noisy, (noise if self.prediction == "epsilon" else a * noise - s * latents)
 
 
 @dataclass
@@ -363,7 +379,7 @@ class _Learner:
 
         self.init = init = initial_embedding(tokenizer, text_encoder, class_name)
         self.init_norm = float(init.norm())
-        self.vocab_norm = float(text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).max())
+        self.vocab_norm = shared.vocab_norm
         self.vectors = init.repeat(cfg.num_vectors, 1).to(device).requires_grad_(True)
         self.optimizer = torch.optim.AdamW([self.vectors], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -401,14 +417,19 @@ class _Learner:
         return self.error is None and self.step < self.cfg.steps
 
     def sample(self, idx: torch.Tensor, tmpl: torch.Tensor, gen: torch.Generator) -> _Batch:
-        """Images `idx` with templates `tmpl`: a latent drawn from each posterior, noise and timesteps."""
+        """Images `idx` with templates `tmpl`: a latent drawn from each posterior, noise and timesteps.
+
+        The draws come from the CPU generator `gen` (the same numbers on every device); they go to the
+        device without waiting for it (non_blocking: a host-to-device copy, safe from pageable memory),
+        indices included (a CPU index into a device tensor would be copied with a wait)."""
         sh, device = self.shared, self.shared.device
-        mean, std = self.lat_mean[idx], self.lat_std[idx]
-        latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, sh.n_timesteps, (len(idx),), generator=gen).to(device)
-        noisy = sh.scheduler.add_noise(latents, noise, t)
-        target = noise if sh.prediction == "epsilon" else sh.scheduler.get_velocity(latents, noise, t)
+        shape = (len(idx),) + tuple(self.lat_mean.shape[1:])
+        eps = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        t = torch.randint(0, sh.n_timesteps, (len(idx),), generator=gen)
+        idx, tmpl, eps, noise, t = (x.to(device, non_blocking=True) for x in (idx, tmpl, eps, noise, t))
+        latents = self.lat_mean[idx] + self.lat_std[idx] * eps
+        noisy, target = sh.noise(latents, noise, t)
         return _Batch(noisy, t, self.caption_ids[tmpl], target)
 
     def draw(self) -> _Batch:
@@ -435,19 +456,26 @@ class _Learner:
         self.error = exc
         self.vectors.grad = None
 
-    def finish_step(self, progress) -> None:
-        """The update after a step's micro-batches: stop at the first non-finite loss or vector (`total`
-        is already on the host, and the vectors are a few numbers), so nothing non-finite reaches a
-        checkpoint or the token file; then progress, log and checkpoint."""
-        cfg, total, done = self.cfg, self.total, self.step + 1
-        if not math.isfinite(total):
-            return self.fail(self.diverged(done, total, f"the loss is {total}"))
+    def update(self) -> torch.Tensor | None:
+        """The optimizer step after a step's micro-batches, unless the loss is not finite (`total` is on
+        the host already): then this class stops, before its vectors change. Returns whether the vectors
+        are still finite as a flag on the device, which the loop reads with the other classes' flags:
+        one wait for the device per step, not one per class."""
+        if not math.isfinite(self.total):
+            self.fail(self.diverged(self.step + 1, self.total, f"the loss is {self.total}"))
+            return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.pin_norm:
+        if self.cfg.pin_norm:
             with torch.no_grad():
                 self.vectors.mul_(self.init_norm / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        if not bool(torch.isfinite(self.vectors).all()):
+        return torch.isfinite(self.vectors).all()
+
+    def finish_step(self, finite: bool, progress) -> None:
+        """After `update`: stop at the first non-finite vector, so nothing non-finite reaches a checkpoint
+        or the token file (the loss was checked before the update); then progress, log and checkpoint."""
+        cfg, total, done = self.cfg, self.total, self.step + 1
+        if not finite:
             return self.fail(self.diverged(done, total, f"the learned vectors are not finite (loss {total:.4g})"))
         self.losses.append(total)
         self.step = done
@@ -522,7 +550,7 @@ def _eval_losses(learners: list[_Learner], shared: _Shared, injector: _TokenInje
                 losses = _forward_losses([learners[i] for i in chunk], batches, shared, injector)
                 for i, loss in zip(chunk, losses):
                     sums[i] = sums[i] + loss
-    return [float(s / EVAL_REPEATS) for s in sums]
+    return (torch.stack(sums) / EVAL_REPEATS).tolist() if sums else []  # one read for all classes
 
 
 def _train_together(learners: list[_Learner], shared: _Shared, progress) -> None:
@@ -547,16 +575,26 @@ def _train_together(learners: list[_Learner], shared: _Shared, progress) -> None
         while active:
             for learner in active:
                 learner.total = 0.0
+            read = []  # each micro-batch's classes and their losses, on the device
             for micro in range(max(learner.cfg.gradient_accumulation for learner in active)):
                 part = [learner for learner in active if micro < learner.cfg.gradient_accumulation]
                 batches = [learner.draw() for learner in part]
                 losses = [loss / learner.cfg.gradient_accumulation
                           for learner, loss in zip(part, _forward_losses(part, batches, shared, injector))]
                 (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
-                for learner, value in zip(part, torch.stack([loss.detach() for loss in losses]).tolist()):
-                    learner.total += value
+                read.append((part, torch.stack([loss.detach() for loss in losses])))
+            # The step's losses, read back at once (a read waits for the device to finish the step's
+            # work): summed on the host, micro-batch after micro-batch, as they always were.
+            values = iter(_cat([losses for _, losses in read]).tolist())
+            for part, _ in read:
+                for learner in part:
+                    learner.total += next(values)
+            flags = [(learner, learner.update()) for learner in active]
+            flags = [(learner, flag) for learner, flag in flags if flag is not None]
+            if flags:
+                for (learner, _), finite in zip(flags, torch.stack([flag for _, flag in flags]).tolist()):
+                    learner.finish_step(finite, progress)
             for learner in active:
-                learner.finish_step(progress)
                 if learner.error is not None and len(learners) > 1:
                     log.warning("textual inversion of %s stopped, the others go on: %s", learner.token,
                                 learner.error)
