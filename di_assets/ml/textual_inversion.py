@@ -400,6 +400,8 @@ class _Learner:
         self.run_config = {**cfg.run_settings(), "token": token, "class_name": class_name,
                            "data": hash_folder(item.train_path, warn=False), "model": spec.diffusion}
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ahead: _Batch | None = None  # the next step's first micro-batch, drawn ahead (draw_ahead)
+        self.gen_state: torch.Tensor | None = None  # the generator's state before it
         self.losses: list[float] = []
         self.start = 0
         self.ckpt_dir = self.output_dir / "checkpoints" if self.output_dir else None
@@ -433,11 +435,23 @@ class _Learner:
         return _Batch(noisy, t, self.caption_ids[tmpl], target)
 
     def draw(self) -> _Batch:
-        """One micro-batch of training, from this class's generator."""
+        """One micro-batch of training, from this class's generator (the one drawn ahead, if any)."""
+        if self.ahead is not None:
+            batch, self.ahead, self.gen_state = self.ahead, None, None
+            return batch
         b = self.cfg.batch_size
         idx = torch.randint(0, self.n_train, (b,), generator=self.gen)
         tmpl = torch.randint(0, len(IMAGENET_TEMPLATES_SMALL), (b,), generator=self.gen)
         return self.sample(idx, tmpl, self.gen)
+
+    def draw_ahead(self) -> None:
+        """Draw the next step's first micro-batch now, while the device still works on this step (the
+        CPU generator's draws, latent-sized at every step, would otherwise leave it idle between steps).
+        The same draws in the same order; a checkpoint of this step keeps the generator's state from
+        before them. Not past the last step."""
+        if self.step + 1 < self.cfg.steps:
+            self.gen_state = self.gen.get_state()
+            self.ahead = self.draw()
 
     def eval_draws(self) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
         """The same images, captions, noise and timesteps every time, so before/after compare."""
@@ -455,6 +469,7 @@ class _Learner:
     def fail(self, exc: Exception) -> None:
         self.error = exc
         self.vectors.grad = None
+        self.ahead = self.gen_state = None
 
     def update(self) -> torch.Tensor | None:
         """The optimizer step after a step's micro-batches, unless the loss is not finite (`total` is on
@@ -485,7 +500,8 @@ class _Learner:
             log.info("%s: step %d/%d loss %.4f", self.token, done, cfg.steps, total)
         if self.ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             try:
-                _save_checkpoint(self.ckpt_dir, done, self.run_config, self.vectors, self.optimizer, self.gen,
+                gen_state = self.gen.get_state() if self.gen_state is None else self.gen_state
+                _save_checkpoint(self.ckpt_dir, done, self.run_config, self.vectors, self.optimizer, gen_state,
                                  self.losses)
             except OSError as exc:  # e.g. a full disk: this class stops, the others may still fit
                 self.fail(exc)
@@ -555,7 +571,12 @@ def _eval_losses(learners: list[_Learner], shared: _Shared, injector: _TokenInje
 
 def _train_together(learners: list[_Learner], shared: _Shared, progress) -> None:
     """The shared loop: every running class takes one step per iteration (classes resumed from
-    different steps run side by side, each on its own count); its result or error is left on it."""
+    different steps run side by side, each on its own count); its result or error is left on it.
+
+    A step waits for the device twice, whatever the number of classes and micro-batches: once for its
+    losses (the non-finite guard and progress need them on the host before the update) and once for
+    the updated vectors' finiteness flags. Nothing else in it reads a value back, so on a GPU the
+    host queues a step's work without stalls and draws the next step's batch while the device runs."""
     # an eval pass holds no more images than a training pass (or than one class's eval in a single run)
     cap = max(EVAL_IMAGES, sum(learner.cfg.batch_size for learner in learners))
     injector = _TokenInjector(shared.text_encoder.get_input_embeddings(), shared.first_id, None)
@@ -583,6 +604,8 @@ def _train_together(learners: list[_Learner], shared: _Shared, progress) -> None
                           for learner, loss in zip(part, _forward_losses(part, batches, shared, injector))]
                 (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
                 read.append((part, torch.stack([loss.detach() for loss in losses])))
+            for learner in active:  # queued behind this step's backward: the device is busy meanwhile
+                learner.draw_ahead()
             # The step's losses, read back at once (a read waits for the device to finish the step's
             # work): summed on the host, micro-batch after micro-batch, as they always were.
             values = iter(_cat([losses for _, losses in read]).tolist())
@@ -632,11 +655,13 @@ def load_learned_embeds(path) -> tuple[str, torch.Tensor]:
 
 
 def _save_checkpoint(ckpt_dir: Path, step: int, run_config: dict, vectors, optimizer, gen, losses) -> None:
+    """`gen`: the CPU generator, or the state to record for it."""
     from safetensors.torch import save_file
 
     state = optimizer.state.get(vectors, {})
     tensors = {"vectors": vectors.detach().float().cpu().contiguous(),
-               "generator": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64)}
+               "generator": gen.get_state() if isinstance(gen, torch.Generator) else gen,
+               "losses": torch.tensor(losses, dtype=torch.float64)}
     for k in ("exp_avg", "exp_avg_sq", "step"):
         if k in state:
             tensors[f"adam.{k}"] = torch.as_tensor(state[k]).detach().cpu().contiguous()
