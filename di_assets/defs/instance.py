@@ -84,15 +84,11 @@ def open_instance(storage: Path) -> dg.DagsterInstance:
 
 
 def _alive(pid: int) -> bool:
+    from di_assets.ml.io import pid_alive
+
     if pid == os.getpid():  # nothing of ours runs yet: a run with our pid is from a dead process
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:

@@ -24,15 +24,46 @@ def _umask() -> int:
     return mask
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this host)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _sweep_dead_temporaries(path: Path) -> None:
+    """Remove the temporaries of `path` that a killed writer left (`.<name>.tmp-<pid>-*`, and
+    `.<name>.old-<pid>`): their process is gone, so no write of theirs is under way. A live writer's
+    (another process, or this one) are left alone."""
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.[to][ml][pd]-*"):
+        kind, _, rest = stale.name[len(path.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
-    A killed run leaves at most a `.tmp-*` file, never a half-written artifact.
+    A killed run leaves at most a `.tmp-<pid>-*` file, never a half-written artifact; the next
+    write of the same path removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    _sweep_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -46,10 +77,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory in a temporary sibling, then swap it in place of `path`."""
+    """Build a directory in a temporary sibling, then swap it in place of `path` (a killed
+    writer's temporaries are removed by the next write of the same path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    _sweep_dead_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
