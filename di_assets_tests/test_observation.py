@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from di_assets.defs import CLASSES, build_defs
-from di_assets.defs.class_images import LIFE, REMOVED, class_folders_sensor
+from di_assets.defs.class_images import LIFE, REMOVED
 from di_assets.ml import observe
 from di_assets.ml.io import hash_folder
 from di_assets.settings import Settings
@@ -58,16 +58,9 @@ class World:
 
     def sensor(self) -> dg.SensorResult:
         """class_folders_sensor, its events and partition requests applied (its runs are not this test's)."""
-        ctx = dg.build_sensor_context(instance=self.instance, resources={"storage": self.defs.resources["storage"]})
-        result = class_folders_sensor(ctx)
-        for event in result.asset_events:
-            self.instance.report_runless_asset_event(event)
-        for req in result.dynamic_partitions_requests:
-            if isinstance(req, dg.AddDynamicPartitionsRequest):
-                self.instance.add_dynamic_partitions(CLASSES.name, list(req.partition_keys))
-            else:
-                for key in req.partition_keys:
-                    self.instance.delete_dynamic_partition(CLASSES.name, key)
+        from di_assets.defs.driver import LocalDriver
+
+        result = LocalDriver(self.defs, self.instance).sensor(run=False)
         return result
 
     def versions(self) -> dict:

@@ -56,8 +56,9 @@ class LocalDriver:
         # The evaluator logs every asset at DEBUG on its own handler; keep the console for results.
         logging.getLogger("dagster.automation_condition_tester").setLevel(logging.WARNING)
 
-    def sensor(self) -> dg.SensorResult:
-        """Evaluate class_folders_sensor and apply what it returns, in the daemon's order."""
+    def sensor(self, run: bool = True) -> dg.SensorResult:
+        """Evaluate class_folders_sensor and apply what it returns, in the daemon's order (with
+        `run=False`, its events and partition requests only, not the runs it asks for)."""
         ctx = dg.build_sensor_context(instance=self.instance, resources={"storage": self.defs.resources["storage"]})
         result = class_folders_sensor(ctx)
         for event in result.asset_events:
@@ -68,8 +69,8 @@ class LocalDriver:
             else:
                 for key in req.partition_keys:
                     self.instance.delete_dynamic_partition(CLASSES.name, key)
-        for run in result.run_requests:
-            self.materialize([k.to_user_string() for k in run.asset_selection])
+        for request in result.run_requests if run else []:
+            self.materialize([k.to_user_string() for k in request.asset_selection])
         return result
 
     def observe(self) -> None:
