@@ -8,7 +8,7 @@ from .checks import by_partition, emit, partitioned_checks, run_partition_keys
 from .executors import gpu_tags
 from .progress import ProgressLines
 from .metadata import table_schema
-from .partitions import OWNERS, partition_pairs
+from .partitions import OWNERS, ends_partition, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
@@ -142,7 +142,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                                   if why is not None][:DROPPED_PREVIEW - len(part["drops"])]
                 part["dropped"] = part.get("dropped", 0) + n - sum(kept)
                 progress(len(stats), f"{key} / {shift_key}: {sum(kept)}/{n} kept, mean sim_class {_mean(sim_class):.3f}")
-                if len(stats) < len(work) and work[len(stats)][0] == pkey:
+                if not ends_partition(work, len(stats)):
                     continue  # the partition has more shifts to score
                 # Each partition's own record, also in a run over many partitions: its numbers (the UI's
                 # Plots tab draws them per partition) and a file of its dropped images, linked.

@@ -9,7 +9,7 @@ from .checks import by_partition, emit, failed_partitions, name_list, partitione
 from .class_token import TOKEN_CHECK
 from .executors import gpu_tags
 from .progress import ProgressLines
-from .partitions import OWNERS, missing_or_changed, partition_pairs
+from .partitions import OWNERS, ends_partition, missing_or_changed, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 COUNT_CHECK = "has_expected_image_count"
@@ -119,7 +119,7 @@ def build_counterfactuals(shifts: list[Shift], partitions_def, code_version: str
                     }, indent=2) + "\n")
                 rows.setdefault(pkey, []).append((shift_key, first))
                 progress(i, f"{key} / {shift_key}: {n} images")
-                if i < len(work) and work[i][0] == pkey:
+                if not ends_partition(work, i):
                     continue  # the partition has more shifts to make
                 # Each partition's own record, also in a run over many partitions: a few hundred bytes.
                 made = rows.pop(pkey)

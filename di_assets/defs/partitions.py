@@ -47,3 +47,7 @@ def partition_pairs(context: dg.AssetExecutionContext, shift_keys: list[str]) ->
     or a range (single-run backfill); at the class grain a partition makes all its class's shifts."""
     return [(str(key), c, s) for key in context.partition_keys for c, s in pairs_of(str(key), shift_keys)]
 
+
+def ends_partition(work: list[tuple[str, str, str]], done: int) -> bool:
+    """Whether the `done`-th pair of `work` (1-based) is the last of its partition: its record is due."""
+    return done == len(work) or work[done][0] != work[done - 1][0]

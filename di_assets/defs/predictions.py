@@ -14,7 +14,7 @@ from .class_images import class_images
 from .executors import gpu_tags
 from .progress import ProgressLines
 from .metadata import table_schema
-from .partitions import CLASSES, OWNERS, missing_or_changed, partition_pairs
+from .partitions import CLASSES, OWNERS, ends_partition, missing_or_changed, partition_pairs
 from .resources import ModelResource, StorageResource
 
 PREDICTIONS = "predictions"
@@ -98,7 +98,7 @@ def build_predictions(spec, partitions_def, code_version: str, shift_keys: list[
                 part[2] += sum(kept)
                 part[3] += sum(c and k for c, k in zip(right, kept))
                 progress(i, f"{spec.name}: {key} / {shift}: {sum(right)}/{table.num_rows} correct")
-                if i < len(work) and work[i][0] == pkey:
+                if not ends_partition(work, i):
                     continue  # the partition has more shifts
                 # each partition's own record, also in a run over many partitions
                 total, correct, kept_total, kept_correct = acc.pop(pkey)
