@@ -2,6 +2,7 @@
 
     python benchmarks/bench_contention.py                 # textual-inversion steps, alone and beside a busy process
     python benchmarks/bench_contention.py --example       # also: two `di-assets run`s of the example started together
+    python benchmarks/bench_contention.py --only-example --example-shifts all --example-steps 0   # the README's run
 
 Steps: a fresh process times textual-inversion steps of the tiny model (64 px, batch 8), alone and
 while a second process trains too, in two configurations, interleaved (A, B, A, B) and repeated:
@@ -71,7 +72,12 @@ def step_time(config: str, steps: int, beside: bool) -> float:
 
 def example_run(store: Path, shifts: str, steps: int) -> subprocess.Popen:
     cfg = store.with_suffix(".yaml")
-    cfg.write_text(f"storage: {store}\nshifts: [{shifts}]\ntextual_inversion: {{steps: {steps}}}\n")
+    text = f"storage: {store}\n"
+    if shifts != "all":  # all: the example's own 24 shifts
+        text += f"shifts: [{shifts}]\n"
+    if steps:  # 0: the family's own steps (500 for the tiny model)
+        text += f"textual_inversion: {{steps: {steps}}}\n"
+    cfg.write_text(text)
     return subprocess.Popen([sys.executable, "-m", "di_assets.cli", "run", "--config", str(cfg)],
                             env=_env({}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -93,25 +99,28 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed textual-inversion steps per process")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--example", action="store_true", help="also time two example runs started together")
-    ap.add_argument("--example-shifts", default="base,in_the_snow,at_night")
-    ap.add_argument("--example-steps", type=int, default=100, help="textual-inversion steps in the example runs")
+    ap.add_argument("--example-shifts", default="base,in_the_snow,at_night", help="or all: the example's 24")
+    ap.add_argument("--example-steps", type=int, default=100,
+                    help="textual-inversion steps in the example runs (0: the model's default, as the README's run)")
+    ap.add_argument("--only-example", action="store_true", help="skip the step table (implies --example)")
     args = ap.parse_args()
 
     times = {(c, b): [] for c in CONFIGS for b in (False, True)}
-    for r in range(args.repeats):
+    for r in range(0 if args.only_example else args.repeats):
         for beside in (False, True):
             for config in CONFIGS:  # interleaved
                 t = step_time(config, args.steps, beside)
                 times[(config, beside)].append(t)
                 print(f"[{r + 1}/{args.repeats}] {config:6s} {'beside another' if beside else 'alone':14s} "
                       f"{t:.3f} s/step", file=sys.stderr, flush=True)
-    print("\n| configuration | alone, s/step | beside another training process, s/step | slowdown |")
-    print("|---|---|---|---|")
-    for config in CONFIGS:
+    if not args.only_example:
+        print("\n| configuration | alone, s/step | beside another training process, s/step | slowdown |")
+        print("|---|---|---|---|")
+    for config in CONFIGS if not args.only_example else ():
         alone, beside = statistics.median(times[(config, False)]), statistics.median(times[(config, True)])
         print(f"| {config} | {alone:.3f} | {beside:.3f} | {beside / alone:.1f}x |")
 
-    if args.example:
+    if args.example or args.only_example:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             (alone,) = timed([example_run(tmp / "alone", args.example_shifts, args.example_steps)])

@@ -35,6 +35,7 @@ Stand-ins. Every Dagster call, file, Parquet and DuckDB write is real; the three
 the asset bodies import when they run are replaced in this process (and only here) by fast stand-ins
 that write the same files in the same formats:
 
+  di_assets.ml.train_tokens.train_tokens  trains each class with the next stand-in, in this process;
   di_assets.ml.textual_inversion.run_textual_inversion  reads the class folder's images, reports every
       step to the asset's progress callback (so the same log lines reach the event log), and returns a
       random finite token of the text encoder's width (norm half the vocabulary's largest), written with
@@ -153,6 +154,22 @@ def stand_in_textual_inversion(train_path, token, class_name, *, model=None, con
     return result
 
 
+def stand_in_train_tokens(classes, *, model, config, classes_per_batch=1, workers=1, threads=None, resume=True,
+                          progress=None):
+    """train_tokens's interface (ml/train_tokens.py), in this process: each class by the stand-in above,
+    a class's own error in its place, as the real one returns it."""
+    results = []
+    for i, item in enumerate(classes):
+        each = None if progress is None else (lambda step, total, loss, i=i: progress(i, step, total, loss))
+        try:
+            results.append(stand_in_textual_inversion(item.train_path, item.token, item.class_name, model=model,
+                                                      config=item.config or config, output_dir=item.output_dir,
+                                                      progress=each))
+        except (FloatingPointError, ValueError, FileNotFoundError, PermissionError) as exc:
+            results.append(exc)
+    return results
+
+
 class StandInPipeline:
     """A StableDiffusionPipeline's call: one small random image per prompt, from its own generator.
 
@@ -234,6 +251,12 @@ def install_stand_ins() -> None:
     from di_assets.ml import clip_metric, generate, models, textual_inversion
 
     textual_inversion.run_textual_inversion = stand_in_textual_inversion
+    try:  # class_token trains through train_tokens (worker processes would not see a stand-in)
+        from di_assets.ml import train_tokens
+    except ImportError:  # an older version: class_token called run_textual_inversion itself
+        pass
+    else:
+        train_tokens.train_tokens = stand_in_train_tokens
     generate.get_pipeline = stand_in_get_pipeline
     clip_metric.get_scorer = stand_in_get_scorer
     for name in ("load_diffusion_components", "load_clip", "load_encoder_root"):

@@ -68,23 +68,26 @@ class Daemon(LocalDriver):
 def flow(tmp_path_factory):
     """Automation over two classes; square's token comes out with a huge (finite) norm."""
     import di_assets.ml.textual_inversion as ti
+    import di_assets.ml.train_tokens as train_tokens
 
     tmp = tmp_path_factory.mktemp("checks")
     data = copy_classes(tmp / "data", per_class=2)
     settings = settings_for(tmp, data)
+    settings.textual_inversion["workers"] = 1  # trained in this process, where the patch below is
     defs = build_defs(settings)
-    real = ti.run_textual_inversion
+    real = train_tokens.run_textual_inversion_many
 
-    def square_blows_up(train_path, token, class_name, **kw):
-        r = real(train_path, token, class_name, **kw)
-        if class_name != "square":
-            return r
-        ti.save_learned_embeds(kw["output_dir"] / ti.EMBEDS_FILE, token, r.embeds * BLOW_UP)
-        return dataclasses.replace(r, embeds=r.embeds * BLOW_UP)
+    def square_blows_up(classes, **kw):
+        results = real(classes, **kw)
+        for i, (c, r) in enumerate(zip(classes, results)):
+            if c.class_name == "square":
+                ti.save_learned_embeds(Path(c.output_dir) / ti.EMBEDS_FILE, c.token, r.embeds * BLOW_UP)
+                results[i] = dataclasses.replace(r, embeds=r.embeds * BLOW_UP)
+        return results
 
     (tmp / "home").mkdir()
     with pytest.MonkeyPatch.context() as mp, dg.instance_for_test(temp_dir=str(tmp / "home")) as instance:
-        mp.setattr(ti, "run_textual_inversion", square_blows_up)
+        mp.setattr(train_tokens, "run_textual_inversion_many", square_blows_up)
         daemon = Daemon(defs, instance)
         assert daemon.tick() == {}  # automation watches before any class exists
         daemon.sensor()  # adds the classes (and observes them)

@@ -160,22 +160,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(shapes, tiny, tmp_path)
 
 def test_class_token_trains_classes_per_batch_together(tmp_path, monkeypatch):
     """The asset over three classes with classes_per_batch 2: one loop of two classes, one single run;
-    every partition gets its own record, chart, progress lines and token, as with one at a time."""
-    import di_assets.ml.textual_inversion as ti
+    every partition gets its own record, chart, progress lines and token, as with one at a time, and as
+    with two worker processes (ml/train_tokens.py)."""
+    import di_assets.ml.train_tokens as train_tokens
     from di_assets.defs import CLASSES, build_assets, build_resources
     from di_assets.settings import Settings
 
     data = copy_classes(tmp_path / "data", SHAPES, per_class=2)
     ti_settings = {"steps": 4, "checkpoint_every": 2, "batch_size": 2}
     loops = []
-    real_many = ti.run_textual_inversion_many
-    monkeypatch.setattr(ti, "run_textual_inversion_many",
+    real_many = train_tokens.run_textual_inversion_many  # (in this process; a worker has its own)
+    monkeypatch.setattr(train_tokens, "run_textual_inversion_many",
                         lambda classes, **kw: loops.append([c.token for c in classes]) or real_many(classes, **kw))
     records, logs = {}, {}
-    for per_batch in (2, 1):
+    configs = {2: {"classes_per_batch": 2, "workers": 1}, 1: {"classes_per_batch": 1, "workers": 1},
+               "workers": {"classes_per_batch": 1, "workers": 2}}
+    for per_batch, run_settings in configs.items():
         (tmp_path / "home" / str(per_batch)).mkdir(parents=True)
         settings = Settings.load(dataset=str(data), storage=str(tmp_path / f"store{per_batch}"),
-                                 textual_inversion={**ti_settings, "classes_per_batch": per_batch})
+                                 textual_inversion={**ti_settings, **run_settings})
         with dg.instance_for_test(temp_dir=str(tmp_path / "home" / str(per_batch))) as instance:
             instance.add_dynamic_partitions(CLASSES.name, list(SHAPES))
             result = dg.materialize(build_assets(settings), selection=["class_token"], instance=instance,
@@ -187,17 +190,19 @@ def test_class_token_trains_classes_per_batch_together(tmp_path, monkeypatch):
             records[per_batch] = {m.asset_materialization.partition: m.asset_materialization.metadata for m in mats}
             logs[per_batch] = sorted(e.user_message for e in instance.all_logs(result.run_id)
                                      if ": step " in (e.user_message or ""))
-    # classes_per_batch 2: circle and square in one loop, then star (a single run is a loop of one); 1: one by one
+    # classes_per_batch 2: circle and square in one loop, then star (a single run is a loop of one); 1: one
+    # by one; the workers' loops ran in their own processes
     assert loops == [["<circle>", "<square>"], ["<star>"], ["<circle>"], ["<square>"], ["<star>"]]
-    for per_batch in (2, 1):
+    for per_batch in configs:
         store = tmp_path / f"store{per_batch}"
         assert set(records[per_batch]) == set(SHAPES)
         for key, meta in records[per_batch].items():
             assert meta["token"].value == f"<{key}>" and meta["steps"].value == 4
             assert meta["loss_curve"].value == str(store / "tokens" / key / "loss.png")
             assert (store / "tokens" / key / "loss.png").is_file() and (store / "tokens" / key / EMBEDS_FILE).is_file()
-    for key in SHAPES:  # the same numbers either way
-        a, b = records[2][key], records[1][key]
-        for field in ("final_loss", "eval_loss_before", "eval_loss_after", "norm"):
-            assert a[field].value == pytest.approx(b[field].value, abs=TOL["atol"], rel=TOL["rtol"]), (key, field)
-    assert logs[2] == logs[1] and len(logs[2]) == 3 * 4  # every class's progress lines, the same
+    for key in SHAPES:  # the same numbers every way
+        for other in (2, "workers"):
+            a, b = records[other][key], records[1][key]
+            for field in ("final_loss", "eval_loss_before", "eval_loss_after", "norm"):
+                assert a[field].value == pytest.approx(b[field].value, abs=TOL["atol"], rel=TOL["rtol"]), (key, field)
+    assert logs[2] == logs[1] == logs["workers"] and len(logs[2]) == 3 * 4  # every class's progress lines

@@ -92,7 +92,7 @@ def test_aggregated_error_names_every_failed_class():
 def test_range_run_trains_the_good_classes_and_names_the_failed_ones(tmp_path, monkeypatch):
     """One run over three classes: `square` diverges, `empty` has no readable image; `circle` still
     gets its token, and the step fails with one line that names both failed classes."""
-    import di_assets.ml.textual_inversion as ti
+    import di_assets.ml.train_tokens as train_tokens
     from di_assets.defs import CLASSES, build_assets, build_resources
     from di_assets.settings import Settings
     from di_assets_tests.conftest import copy_classes
@@ -100,16 +100,17 @@ def test_range_run_trains_the_good_classes_and_names_the_failed_ones(tmp_path, m
     data = copy_classes(tmp_path / "data", per_class=2)
     (data / "empty").mkdir()
     (data / "empty" / "readme.png").write_text("not an image")
+    # workers 1: trained in this process, where the patch below is
     settings = Settings.load(dataset=str(data), storage=str(tmp_path / "store"),
-                             textual_inversion={"steps": 4, "checkpoint_every": 2, "batch_size": 2})
-    real = ti.run_textual_inversion
+                             textual_inversion={"steps": 4, "checkpoint_every": 2, "batch_size": 2, "workers": 1})
+    real = train_tokens.run_textual_inversion_many
 
-    def one_class_diverges(train_path, token, class_name, *, config, **kw):
-        if class_name == "square":  # one learning rate is shared: give this class a diverging one
-            config = dataclasses.replace(config, learning_rate=1e20)  # nan at step 2
-        return real(train_path, token, class_name, config=config, **kw)
+    def one_class_diverges(classes, *, config, **kw):
+        # one learning rate is shared: give this class its own, diverging one (nan at step 2)
+        return real([dataclasses.replace(c, config=dataclasses.replace(config, learning_rate=1e20))
+                     if c.class_name == "square" else c for c in classes], config=config, **kw)
 
-    monkeypatch.setattr(ti, "run_textual_inversion", one_class_diverges)
+    monkeypatch.setattr(train_tokens, "run_textual_inversion_many", one_class_diverges)
     store = tmp_path / "store"
     (tmp_path / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:

@@ -35,13 +35,16 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
         import di_assets.ml.textual_inversion as ti
+        from di_assets.ml.threads import thread_count
+        from di_assets.ml.train_tokens import train_tokens
 
         classes = storage.classes()  # once per step: a range of N classes must not list the dataset N times
         # On a machine with several GPUs, this step holds one of them until it ends.
         with models.leased_spec() as spec:
             cfg = params.ti_config(spec.family)
             every = max(1, cfg.steps // 10)
-            per_loop = cfg.classes_per_batch_on(spec.family, spec.device)
+            device = spec.resolved().device  # `auto` made the device it runs on
+            per_loop = cfg.classes_per_batch_on(spec.family, device)
             done, failures, todo = [], {}, []
             for key in context.partition_keys:
                 if key not in classes:
@@ -57,33 +60,25 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
                 return progress
 
             # Groups of classes_per_batch classes train in one loop (each token as its own run would
-            # leave it); a group of one is the single-class run.
-            for group in (todo[i:i + per_loop] for i in range(0, len(todo), per_loop)):
-                if len(group) == 1:
-                    (key, folder), = group
-                    try:
-                        outcomes = [ti.run_textual_inversion(
-                            folder.path, folder.token, folder.name, model=spec, config=cfg,
-                            output_dir=storage.token_dir(key), progress=progress_of(folder.token))]
-                    except CLASS_ERRORS as exc:
-                        outcomes = [exc]
-                else:  # each class's error comes back in its place
-                    reporters = [progress_of(folder.token) for _, folder in group]
-                    outcomes = ti.run_textual_inversion_many(
-                        [ti.TokenClass(folder.path, folder.token, folder.name, storage.token_dir(key))
-                         for key, folder in group], model=spec, config=cfg,
-                        progress=lambda i, step, total, loss: reporters[i](step, total, loss))
-                for (key, folder), r in zip(group, outcomes):
-                    if isinstance(r, BaseException):
-                        if not isinstance(r, CLASS_ERRORS):  # not a class's own problem: the step fails
-                            raise r
-                        # this class's own problem: the others in the range still train
-                        failures[key] = _one_line(r)
-                        context.log.error(f"class_token {key}: {failures[key]}")
-                        if not isinstance(r, ti.NonFiniteTokenError):  # the one line is the message; keep the where
-                            context.log.debug(f"class_token {key}: traceback", exc_info=r)
-                        continue
-                    done.append((folder.token, _record(context, storage, key, folder, r, cfg.steps)))
+            # leave it); on a CPU the groups spread over worker processes (ml/train_tokens.py).
+            workers = cfg.workers_on(spec.family, device)
+            reporters = [progress_of(folder.token) for _, folder in todo]
+            outcomes = train_tokens(
+                [ti.TokenClass(folder.path, folder.token, folder.name, storage.token_dir(key)) for key, folder in todo],
+                model=spec, config=cfg, classes_per_batch=per_loop, workers=workers,
+                threads=max(1, thread_count(models.threads) // workers),
+                progress=lambda i, step, total, loss: reporters[i](step, total, loss))
+            for (key, folder), r in zip(todo, outcomes):
+                if isinstance(r, BaseException):
+                    if not isinstance(r, CLASS_ERRORS):  # not a class's own problem: the step fails
+                        raise r
+                    # this class's own problem: the others in the range still train
+                    failures[key] = _one_line(r)
+                    context.log.error(f"class_token {key}: {failures[key]}")
+                    if not isinstance(r, ti.NonFiniteTokenError):  # the one line is the message; keep the where
+                        context.log.debug(f"class_token {key}: traceback", exc_info=r)
+                    continue
+                done.append((folder.token, _record(context, storage, key, folder, r, cfg.steps)))
         failures = {k: failures[k] for k in context.partition_keys if k in failures}  # in the range's order
         raise_for_failures(failures, len(context.partition_keys))
         if len(done) > 1:  # the run's summary goes to its log, not into every partition's record

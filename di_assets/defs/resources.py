@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import dagster as dg
 from pydantic import ConfigDict, Field
 
-from di_assets.ml.defaults import GENERATION, TEXTUAL_INVERSION, describe, describe_classes_per_batch
+from di_assets.ml.defaults import (GENERATION, TEXTUAL_INVERSION, describe, describe_classes_per_batch,
+                                   describe_workers)
 
 if TYPE_CHECKING:
     from di_assets.settings import Settings
@@ -178,6 +179,7 @@ class TextualInversionParams(dg.Config):
     checkpoint_every: Optional[int] = _ti("checkpoint_every", "Steps between checkpoints (a rerun resumes)",
                                            **POSITIVE)
     classes_per_batch: Optional[int] = Field(default=None, description=describe_classes_per_batch(), **POSITIVE)
+    workers: Optional[int] = Field(default=None, description=describe_workers(), **POSITIVE)
 
     def resolved(self, family: str) -> "TextualInversionParams":
         """Every unset field holds `family`'s default: what `ti_config(family)` uses (`resolution`'s

@@ -20,7 +20,7 @@ DIAGNOSIS_CODE = "diagnosis-1"
 
 
 # Settings that change how a stage runs, not what it writes: they leave its code version alone.
-TI_RUN_ONLY = ("classes_per_batch", "checkpoint_every")
+TI_RUN_ONLY = ("classes_per_batch", "workers", "checkpoint_every")
 
 
 def _digest(obj) -> str:

@@ -10,7 +10,8 @@ keeps its small initial row.
 TEXTUAL_INVERSION = {
     "sd": {"steps": 3000, "learning_rate": 5e-4, "batch_size": 1, "gradient_accumulation": 1,
            "resolution": None, "num_vectors": 1, "seed": 0, "pin_norm": True, "checkpoint_every": 500,
-           "classes_per_batch": None},  # None: by family and device, CLASSES_PER_BATCH below
+           "classes_per_batch": None,  # None: by family and device, CLASSES_PER_BATCH below
+           "workers": None},  # None: by family and device, WORKERS below
 }
 TEXTUAL_INVERSION["tiny"] = {**TEXTUAL_INVERSION["sd"], "steps": 500, "learning_rate": 5e-2, "batch_size": 8,
                              "pin_norm": False, "checkpoint_every": 100}
@@ -31,6 +32,35 @@ def default_classes_per_batch(family: str, device: str) -> int:
     """CLASSES_PER_BATCH of a family (`sd`, else the tiny row) on a device (`cuda:1` is cuda)."""
     row = CLASSES_PER_BATCH["sd" if family == "sd" else "tiny"]
     return row.get(str(device).split(":")[0], 1)
+
+
+# Processes that train groups of classes side by side, by family and device type, when `workers` is
+# unset; 0 is one per CPU this process may use (ml/threads.py), each with one thread. The tiny model on a
+# CPU: its operations are too small for a thread team that sleeps when idle (a step at one thread
+# 0.14 s, at two such threads 0.17 s, on this 2-core machine), while separate processes share nothing;
+# the example's textual inversion (3 classes, 2 workers) went from 185 s to 121 s. sd on a CPU: one process, whose large
+# operations keep a team of threads busy, without a second copy of the model in memory. A GPU: one.
+WORKERS = {
+    "sd": {"cuda": 1, "mps": 1, "cpu": 1},
+    "tiny": {"cuda": 1, "mps": 1, "cpu": 0},
+}
+
+
+def default_workers(family: str, device: str) -> int:
+    """WORKERS of a family on a device, with 0 made the CPUs this process may use."""
+    n = WORKERS["sd" if family == "sd" else "tiny"].get(str(device).split(":")[0], 1)
+    if n == 0:
+        from .threads import cpu_budget
+
+        n = cpu_budget()
+    return n
+
+
+def describe_workers() -> str:
+    per = "; ".join(f"{family} " + ", ".join(f"{dev} {n or 'one per CPU'}" for dev, n in row.items())
+                    for family, row in WORKERS.items())
+    return ("Processes that train groups of classes side by side, one torch thread each (each token ends "
+            f"as in one process). Unset: by family and device ({per})")
 
 
 def describe_classes_per_batch() -> str:

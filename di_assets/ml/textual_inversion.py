@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .defaults import TEXTUAL_INVERSION, default_classes_per_batch
+from .defaults import TEXTUAL_INVERSION, default_classes_per_batch, default_workers
 from .io import atomic_path, hash_folder, load_class_images, write_json
 from .models import ModelSpec, load_base_text_encoder, load_diffusion_components, load_scheduler, native_resolution
 from .templates import IMAGENET_TEMPLATES_SMALL
@@ -43,6 +43,13 @@ class NonFiniteTokenError(FloatingPointError):
                  loss: float | None = None):
         super().__init__(message)
         self.token, self.step, self.loss = token, step, loss
+
+    def __reduce__(self):  # its fields survive the trip from a worker process (ml/train_tokens.py)
+        return _non_finite, (self.args[0], self.token, self.step, self.loss)
+
+
+def _non_finite(message, token, step, loss) -> NonFiniteTokenError:
+    return NonFiniteTokenError(message, token=token, step=step, loss=loss)
 
 
 _SD = TEXTUAL_INVERSION["sd"]  # the paper's defaults; the tiny family's are in ml/defaults.py too
@@ -66,6 +73,9 @@ class TextualInversionConfig:
     # Classes that train in one loop (run_textual_inversion_many); None: by family and device
     # (ml/defaults.py). It changes no token beyond float noise, so checkpoints and loss.json omit it.
     classes_per_batch: int | None = _SD["classes_per_batch"]
+    # Processes that train groups of classes side by side (ml/train_tokens.py); None: by family and
+    # device (ml/defaults.py). Like classes_per_batch, it changes how a token is trained, not what.
+    workers: int | None = _SD["workers"]
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "TextualInversionConfig":
@@ -74,15 +84,19 @@ class TextualInversionConfig:
 
     def run_settings(self) -> dict:
         """The settings a token depends on: a checkpoint resumes only under the same ones."""
-        return {k: v for k, v in asdict(self).items() if k != "classes_per_batch"}
+        return {k: v for k, v in asdict(self).items() if k not in ("classes_per_batch", "workers")}
 
     def classes_per_batch_on(self, family: str, device: str) -> int:
         """`classes_per_batch`, or its default for the model family and device."""
         return self.classes_per_batch or default_classes_per_batch(family, device)
 
+    def workers_on(self, family: str, device: str) -> int:
+        """`workers`, or its default for the model family and device."""
+        return self.workers or default_workers(family, device)
+
     def __post_init__(self):
         for f in ("steps", "batch_size", "gradient_accumulation", "resolution", "num_vectors", "checkpoint_every",
-                  "classes_per_batch"):
+                  "classes_per_batch", "workers"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"textual inversion {f} must be >= 1, got {getattr(self, f)}")
 
