@@ -85,7 +85,10 @@ def test_a_diverged_token_keeps_its_fields_across_processes():
 
 
 def test_default_workers_by_family_and_device():
-    assert default_workers("tiny", "cpu") == cpu_budget()  # one single-threaded process per CPU
+    cpus = cpu_budget()
+    assert default_workers("tiny", "cpu") == cpus  # one single-threaded process per CPU
+    assert default_workers("tiny", "cpu", groups=cpus + 1) == cpus + 1  # no CPU idle while one class is left
+    assert default_workers("tiny", "cpu", groups=2 * cpus + 1) == cpus
     assert default_workers("sd", "cpu") == 1  # large operations keep one process's threads busy
     assert default_workers("tiny", "cuda:1") == default_workers("sd", "cuda") == 1
     assert TextualInversionConfig(workers=3).workers_on("tiny", "cpu") == 3

@@ -61,7 +61,7 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
 
             # Groups of classes_per_batch classes train in one loop (each token as its own run would
             # leave it); on a CPU the groups spread over worker processes (ml/train_tokens.py).
-            workers = cfg.workers_on(spec.family, device)
+            workers = cfg.workers_on(spec.family, device, groups=-(-len(todo) // per_loop))
             reporters = [progress_of(folder.token) for _, folder in todo]
             outcomes = train_tokens(
                 [ti.TokenClass(folder.path, folder.token, folder.name, storage.token_dir(key)) for key, folder in todo],

@@ -90,9 +90,9 @@ class TextualInversionConfig:
         """`classes_per_batch`, or its default for the model family and device."""
         return self.classes_per_batch or default_classes_per_batch(family, device)
 
-    def workers_on(self, family: str, device: str) -> int:
-        """`workers`, or its default for the model family and device."""
-        return self.workers or default_workers(family, device)
+    def workers_on(self, family: str, device: str, groups: int | None = None) -> int:
+        """`workers`, or its default for the model family and device (and `groups` groups of classes)."""
+        return self.workers or default_workers(family, device, groups)
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "gradient_accumulation", "resolution", "num_vectors", "checkpoint_every",
