@@ -17,7 +17,8 @@ catalog: `base` and the ImageNet* shifts) and grain in --grain, with no classifi
                   daemon's way (the driver executes what each tick requests until none requests more);
                   then checked: `di-assets query` must count N x K class x shift pairs in the scores;
   s/partition     whole s / (N x K): per class x shift pair, whatever the grain;
-  instance MB     the Dagster instance on disk after it (SQLite, under the storage's .dagster);
+  instance MB     the Dagster instance on disk after it (SQLite, under the storage's .dagster; with
+                  --postgres, the growth of its PostgreSQL database, see below);
   KB/partition    instance bytes / (N x K);
   update-nothing s  `di-assets update` with nothing changed (the second one: the steady state; the first
                   one after `run`, which also starts the automation cursor, is on stderr);
@@ -53,7 +54,9 @@ The encoder root is the real update_token_dictionary on the embedded tiny text e
 token; the checks read it). The models are the embedded tiny ones; nothing is downloaded. Steps run in
 this process (DI_ASSETS_EXECUTOR is ignored: stand-ins do not reach other processes). Class folders hold
 --images tiny PNGs each, in a temporary folder (or --keep DIR, kept for inspection). The Dagster
-instance is the command line's own (`<storage>/.dagster`, SQLite; $DAGSTER_HOME is ignored).
+instance is the command line's own (`<storage>/.dagster`, SQLite; $DAGSTER_HOME is ignored), or with
+--postgres one new database per configuration on a PostgreSQL server that the benchmark starts and stops
+(as di_assets_tests/test_postgres.py does; its DAGSTER_HOME holds the README's dagster.yaml snippet).
 
 A throwaway 2 classes x 1 shift runs first (--no-warmup skips it), so that the first configuration
 is not charged for the process's imports and model loads. Progress goes to stderr, with a line of
@@ -322,6 +325,44 @@ def dir_size(path: Path) -> tuple[int, int]:
     return total, files
 
 
+POSTGRES = {}  # with --postgres: "server", the running test server (di_assets_tests/test_postgres.py)
+
+
+def use_postgres(work: Path, label: str) -> str:
+    """A new database on the server and a DAGSTER_HOME whose instance lives in it, as the README's
+    Postgres section says (the project's dagster.yaml plus its snippet); set in this process."""
+    from di_assets_tests.test_postgres import ROOT as PROJECT, readme_snippet
+
+    server = POSTGRES["server"]
+    POSTGRES["made"] = POSTGRES.get("made", 0) + 1  # the warm-up's configuration may repeat a label
+    db = f"bench{POSTGRES['made']}_" + re.sub(r"[^a-z0-9_]", "_", label.lower())[:40]
+    server.create_database(db)
+    home = work / "home"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text() + "\n" + readme_snippet()
+                                       + "\ntelemetry:\n  enabled: false\n")
+    os.environ.update({"DAGSTER_HOME": str(home), **server.env(db)})
+    return db
+
+
+def instance_size(storage: Path) -> tuple[int, int]:
+    """The instance's bytes and files: SQLite under the storage's .dagster, or with --postgres the
+    database's size beyond its size with empty tables (and its tables' count)."""
+    if not POSTGRES.get("db"):
+        return dir_size(storage / ".dagster")
+    server, db = POSTGRES["server"], POSTGRES["db"]
+    conn = server.connect(db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_database_size(current_database())")
+            (size,) = cur.fetchone()
+            cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+            (tables,) = cur.fetchone()
+    finally:
+        conn.close()
+    return size - POSTGRES["empty"], tables
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 class CommandFailed(RuntimeError):
@@ -507,7 +548,11 @@ def measure(n: int, k: int, grain: str, args, base: Path, row: dict) -> dict | N
     say(f"made {n} class folders of {args.images} images in {time.perf_counter() - t:.1f}s")
 
     defs = build_defs(settings)
+    if POSTGRES:
+        POSTGRES["db"], POSTGRES["empty"] = use_postgres(work, label), 0
     instance = open_instance(storage)
+    if POSTGRES:
+        POSTGRES["empty"] = instance_size(storage)[0]  # the schema that open_instance made
     driver = LocalDriver(defs, instance)
     t = time.perf_counter()
     driver.tick()  # the daemon was already watching: the classes the sensor adds are new to it
@@ -538,7 +583,7 @@ def measure(n: int, k: int, grain: str, args, base: Path, row: dict) -> dict | N
 
     if args.only_add_and_tick:
         instance.dispose()
-        row["instance"] = dir_size(storage / ".dagster")
+        row["instance"] = instance_size(storage)
         say(f"instance: {row['instance'][0] / 1e6:.1f} MB in {row['instance'][1]} files")
         return row
 
@@ -578,7 +623,7 @@ def measure(n: int, k: int, grain: str, args, base: Path, row: dict) -> dict | N
     if got["pairs"] != n * k:
         raise RuntimeError(f"the scores hold {got['pairs']} class x shift pairs, not {n * k}")
     say(f"scores: {got['images']} images in {got['pairs']} class x shift pairs")
-    row["instance"] = dir_size(storage / ".dagster")
+    row["instance"] = instance_size(storage)
     row["artifacts"] = dir_size(storage)
     row["events"] = count_events(storage)
     say(f"event log: {row['events']}")
@@ -659,6 +704,10 @@ def main() -> int:
     ap.add_argument("--no-warmup", action="store_true",
                     help="measure from a cold process (by default a throwaway 2 classes x 1 shift first pays the "
                          "imports and model loads, so that the first configuration is not charged for them)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="the instance in a PostgreSQL database (the README's Postgres set-up) on a server started "
+                         "for the benchmark as the tests start it (Debian's postgresql package); instance MB is "
+                         "then the database's growth")
     ap.add_argument("--keep", metavar="DIR", help="keep the data, storage and instance under DIR for inspection")
     ap.add_argument("--profile", type=int, metavar="N", default=0,
                     help="print the N costliest functions of the whole orchestration (cProfile) to stderr")
@@ -681,6 +730,12 @@ def main() -> int:
             base.mkdir(parents=True, exist_ok=True)
         else:
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_scale-")))
+        if args.postgres:
+            from di_assets_tests.test_postgres import Server, _server_bin
+
+            POSTGRES["server"] = Server(_server_bin())
+            stack.callback(POSTGRES["server"].stop)
+            POSTGRES["server"].start()
         if not args.no_warmup:
             say("warm-up (not measured): 2 classes x 1 shift")
             measure(2, 1, args.grain[0], argparse.Namespace(**{**vars(args), "profile": 0}), base / "warmup", {})
@@ -698,7 +753,7 @@ def main() -> int:
                 if "whole_started" in row and "whole" not in row:
                     row["stopped"] = time.perf_counter() - row["whole_started"]
                     storage = row["storage"]
-                    row["instance"] = dir_size(storage / ".dagster")
+                    row["instance"] = instance_size(storage)
                     row["pairs_done"] = sum(1 for _ in (storage / "scores").rglob("*.parquet"))
                     row["images_done"] = sum(1 for _ in (storage / "images").rglob("*.png"))
                 say(f"interrupted during {n} classes x {k} shifts" + (

@@ -1,7 +1,9 @@
 """Textual inversion over worker processes (ml/train_tokens.py): each class ends as in one process."""
 
 import multiprocessing
+import os
 import pickle
+import signal
 
 import pytest
 import torch
@@ -68,6 +70,23 @@ def test_an_exception_from_progress_stops_every_worker(tmp_path, tiny):
                      config=TextualInversionConfig.for_family("tiny", steps=400, batch_size=2),
                      workers=2, progress=progress)
     assert not multiprocessing.active_children()  # terminated, not left training for 400 steps
+
+
+def test_a_killed_worker_fails_the_call_while_the_others_train(tmp_path, tiny):
+    data = copy_classes(tmp_path / "shapes", SHAPES[:2], per_class=4)
+    killed = []
+
+    def progress(i, step, total, loss):
+        if not killed:  # the first step anywhere: kill one worker, as the kernel's OOM killer would
+            victim = multiprocessing.active_children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+
+    with pytest.raises(RuntimeError, match="exited with code -9"):  # noticed while the other still trains
+        train_tokens(_classes(data, tmp_path / "out")[:2], model=tiny,
+                     config=TextualInversionConfig.for_family("tiny", steps=2000, batch_size=2),
+                     workers=2, progress=progress)
+    assert not multiprocessing.active_children()
 
 
 def test_a_worker_error_that_is_no_class_problem_is_raised(tmp_path):

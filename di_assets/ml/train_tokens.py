@@ -20,13 +20,15 @@ import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import time
 from typing import Callable, Sequence
 
 from .textual_inversion import TextualInversionConfig, TokenClass, run_textual_inversion_many
 
 log = logging.getLogger("di_assets")
 
-POLL_S = 0.5  # how often the parent checks that its workers are alive while it waits for their messages
+POLL_S = 0.5  # how often the parent checks that its workers are alive while it reads their messages
+DRAIN_S = 2.0  # how long it reads a dead worker's last messages before it calls the worker lost
 
 
 def train_tokens(
@@ -72,29 +74,45 @@ def train_tokens(
              for n, share in enumerate(shares)]
     log.info("textual inversion of %d classes in %d worker processes (%d thread%s each)", len(items), workers,
              threads or 1, "" if (threads or 1) == 1 else "s")
+    finished: set[int] = set()
+
+    def handle(message) -> None:
+        kind, n, *body = message
+        if kind == "progress":
+            if progress is not None:
+                progress(*body)
+        elif kind == "result":
+            index, r = body
+            results[index] = pickle.loads(r)
+        elif kind == "error":  # not a class's own problem: the whole step fails, as in one process
+            raise pickle.loads(body[0])
+        elif kind == "done":
+            finished.add(n)
+
     try:
         for p in procs:
             p.start()
-        finished = set()
+        checked = time.monotonic()
         while len(finished) < len(procs):
             try:
-                kind, n, *body = messages.get(timeout=POLL_S)
+                handle(messages.get(timeout=POLL_S))
             except queue_module.Empty:
-                for n, p in enumerate(procs):
-                    if n not in finished and not p.is_alive() and p.exitcode != 0:
-                        raise RuntimeError(f"textual-inversion worker {n} exited with code {p.exitcode} "
-                                           "before it reported its classes (out of memory?)")
+                pass
+            if time.monotonic() - checked < POLL_S:
                 continue
-            if kind == "progress":
-                if progress is not None:
-                    progress(*body)
-            elif kind == "result":
-                index, r = body
-                results[index] = pickle.loads(r)
-            elif kind == "error":  # not a class's own problem: the whole step fails, as in one process
-                raise pickle.loads(body[0])
-            elif kind == "done":
-                finished.add(n)
+            checked = time.monotonic()  # a killed worker: noticed within POLL_S, while the others go on
+            if any(n not in finished and not p.is_alive() for n, p in enumerate(procs)):
+                # what a worker sent is in the pipe before it exits: read that first
+                until = time.monotonic() + DRAIN_S
+                while time.monotonic() < until:
+                    try:
+                        handle(messages.get(timeout=0.1))
+                    except queue_module.Empty:
+                        break
+                for n, p in enumerate(procs):
+                    if n not in finished and not p.is_alive():
+                        raise RuntimeError(f"textual-inversion worker {n} exited with code {p.exitcode} "
+                                           "before it finished its classes (killed, or out of memory?)")
         lost = [items[i].token for i, r in enumerate(results) if r is None]
         if lost:
             raise RuntimeError(f"textual-inversion workers ended without a result for {', '.join(lost)}")
