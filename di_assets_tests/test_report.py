@@ -172,6 +172,21 @@ def test_significant_drops_are_red_in_the_accuracy_chart(diagnosis):
     assert red_pixels(report.accuracy_chart(con, "resnet_a")) > red_pixels(report.accuracy_chart(con, "vit_b")) > 0
 
 
+def test_a_chart_in_a_record_is_smaller_and_looks_the_same(diagnosis):
+    from di_assets.defs.metadata import png_markdown
+
+    con, _, _ = diagnosis
+    png = report.accuracy_chart(con, "resnet_a")
+    md = png_markdown(png, "accuracy")
+    assert md.startswith("![accuracy](data:image/png;base64,")
+    inline = base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)\)", md).group(1))
+    assert len(inline) < 0.7 * len(png)  # 256 colours
+    before = np.asarray(_png(png).convert("RGB")).astype(int)
+    after = np.asarray(_png(inline).convert("RGB")).astype(int)
+    assert before.shape == after.shape
+    assert np.abs(before - after).mean() < 1.0  # on 0-255: no visible change
+
+
 def test_shift_order():
     acc = {"base": 0.9, "a": 0.5, "b": 0.8, "c": float("nan")}
     assert report._order_shifts(list(acc), acc, None) == ["base", "b", "a", "c"]
