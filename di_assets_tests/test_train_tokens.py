@@ -59,7 +59,16 @@ class Stop(Exception):
     pass
 
 
-def test_an_exception_from_progress_stops_every_worker(tmp_path, tiny):
+@pytest.fixture
+def sigterm_ignored():
+    """The parent ignores SIGTERM, as a process under Dagster's interrupt handling may (it maps SIGTERM to
+    SIGINT's handler); a spawned worker inherits the ignoring."""
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+def test_an_exception_from_progress_stops_every_worker(tmp_path, tiny, sigterm_ignored):
     data = copy_classes(tmp_path / "shapes", SHAPES, per_class=4)
 
     def progress(i, step, total, loss):

@@ -29,6 +29,7 @@ log = logging.getLogger("di_assets")
 
 POLL_S = 0.5  # how often the parent checks that its workers are alive while it reads their messages
 DRAIN_S = 2.0  # how long it reads a dead worker's last messages before it calls the worker lost
+STOP_S = 3.0  # how long a stopped worker has to end before it is killed
 
 
 def train_tokens(
@@ -117,20 +118,34 @@ def train_tokens(
         if lost:
             raise RuntimeError(f"textual-inversion workers ended without a result for {', '.join(lost)}")
     finally:
-        for p in procs:  # a failure, or the caller stopping us (an exception from progress): stop them all
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
+        _stop(procs)  # a failure, or the caller stopping us (an exception from progress): stop them all
         messages.close()
     return results
+
+
+def _stop(procs) -> None:
+    """End every worker still running: SIGTERM, then SIGKILL for one that outlives STOP_S. A worker
+    inherits an ignored SIGTERM from a parent that ignores it (exec keeps SIG_IGN), and it may not yet
+    have reached its own code, which restores the default."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    until = time.monotonic() + STOP_S
+    for p in procs:
+        p.join(timeout=max(0.0, until - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=STOP_S)
 
 
 def _worker(n: int, share, model, config, resume: bool, threads: int, messages, parent: int) -> None:
     """One worker process: its groups one after another, every step's progress and every class's result
     sent to the parent; it stops at the next step once the parent is gone."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() ends us (see _stop)
     torch.set_num_threads(threads)
 
     def report(group):
