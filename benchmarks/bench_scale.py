@@ -157,8 +157,7 @@ def stand_in_textual_inversion(train_path, token, class_name, *, model=None, con
     return result
 
 
-def stand_in_train_tokens(classes, *, model, config, classes_per_batch=1, workers=1, threads=None, resume=True,
-                          progress=None):
+def stand_in_train_tokens(classes, *, model, config, threads=None, resume=True, progress=None):
     """train_tokens's interface (ml/train_tokens.py), in this process: each class by the stand-in above,
     a class's own error in its place, as the real one returns it."""
     results = []

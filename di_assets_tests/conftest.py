@@ -37,6 +37,13 @@ def copy_classes(dest: Path, classes=("circle", "square"), per_class: int | None
     return dest
 
 
+def token_classes(data: Path, out: Path, names) -> list:
+    """A TokenClass per class folder `data/<name>`: token `<name>`, files under `out/<name>`."""
+    from di_assets.ml.textual_inversion import TokenClass
+
+    return [TokenClass(data / n, f"<{n}>", n, out / n) for n in names]
+
+
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     """Two classes of the bundled example, 8 images each."""

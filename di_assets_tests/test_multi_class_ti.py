@@ -23,7 +23,7 @@ from di_assets.ml.textual_inversion import (
     EMBEDS_FILE, LOSS_FILE, NonFiniteTokenError, TextualInversionConfig, TokenClass, initial_embedding,
     load_learned_embeds, run_textual_inversion, run_textual_inversion_many,
 )
-from di_assets_tests.conftest import copy_classes
+from di_assets_tests.conftest import copy_classes, token_classes
 
 SHAPES = ("circle", "square", "star")
 TOL = dict(atol=1e-5, rtol=1e-4)  # see the module's docstring: bitwise equal on CPU
@@ -36,7 +36,7 @@ def shapes(tmp_path):
 
 
 def _classes(data, out, names=SHAPES):
-    return [TokenClass(data / n, f"<{n}>", n, out / n) for n in names]
+    return token_classes(data, out, names)
 
 
 def _separately(classes, tiny, **kw):

@@ -16,17 +16,18 @@ from di_assets.ml.textual_inversion import (
 )
 from di_assets.ml.threads import cpu_budget
 from di_assets.ml.train_tokens import train_tokens
-from di_assets_tests.conftest import copy_classes
+from di_assets_tests.conftest import copy_classes, token_classes
 
 SHAPES = ("circle", "square", "star")
 # Not bitwise: the tokens differ from one process at one thread by ~5e-7 (losses by 1.5e-8), float noise
 # of kernels whose dispatch differs between the two processes; the same tolerance as test_multi_class_ti.
 TOL = dict(atol=1e-5, rtol=1e-4)
-CONFIG = TextualInversionConfig.for_family("tiny", steps=4, batch_size=2, checkpoint_every=2, learning_rate=0.1)
+CONFIG = TextualInversionConfig.for_family("tiny", steps=4, batch_size=2, checkpoint_every=2, learning_rate=0.1,
+                                           workers=2)
 
 
 def _classes(data, out):
-    return [TokenClass(data / n, f"<{n}>", n, out / n) for n in SHAPES]
+    return token_classes(data, out, SHAPES)
 
 
 def test_workers_train_every_class_as_one_process_does(tmp_path, tiny):
@@ -34,7 +35,7 @@ def test_workers_train_every_class_as_one_process_does(tmp_path, tiny):
     (data / "empty").mkdir()  # a class's own problem comes back in its place; the others train
     classes = _classes(data, tmp_path / "workers") + [TokenClass(data / "empty", "<empty>", "empty")]
     seen = []
-    results = train_tokens(classes, model=tiny, config=CONFIG, workers=2, threads=1,
+    results = train_tokens(classes, model=tiny, config=CONFIG, threads=1,
                            progress=lambda i, step, total, loss: seen.append((i, step, total)))
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same kernels, so the same floats
@@ -76,8 +77,8 @@ def test_an_exception_from_progress_stops_every_worker(tmp_path, tiny, sigterm_i
 
     with pytest.raises(Stop):
         train_tokens(_classes(data, tmp_path / "out"), model=tiny,
-                     config=TextualInversionConfig.for_family("tiny", steps=400, batch_size=2),
-                     workers=2, progress=progress)
+                     config=TextualInversionConfig.for_family("tiny", steps=400, batch_size=2, workers=2),
+                     progress=progress)
     assert not multiprocessing.active_children()  # terminated, not left training for 400 steps
 
 
@@ -93,8 +94,8 @@ def test_a_killed_worker_fails_the_call_while_the_others_train(tmp_path, tiny):
 
     with pytest.raises(RuntimeError, match="exited with code -9"):  # noticed while the other still trains
         train_tokens(_classes(data, tmp_path / "out")[:2], model=tiny,
-                     config=TextualInversionConfig.for_family("tiny", steps=2000, batch_size=2),
-                     workers=2, progress=progress)
+                     config=TextualInversionConfig.for_family("tiny", steps=2000, batch_size=2, workers=2),
+                     progress=progress)
     assert not multiprocessing.active_children()
 
 
@@ -102,7 +103,7 @@ def test_a_worker_error_that_is_no_class_problem_is_raised(tmp_path):
     data = copy_classes(tmp_path / "shapes", SHAPES[:2], per_class=2)
     broken = ModelSpec(family="tiny", device="cpu", diffusion=str(tmp_path / "no-such-model"))
     with pytest.raises(Exception) as info:  # the loader's own error, raised as in one process
-        train_tokens(_classes(data, tmp_path / "out")[:2], model=broken, config=CONFIG, workers=2)
+        train_tokens(_classes(data, tmp_path / "out")[:2], model=broken, config=CONFIG)
     assert "no-such-model" in str(info.value)
     assert not multiprocessing.active_children()
 

@@ -35,7 +35,6 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
     ) -> dg.MaterializeResult:
         import di_assets.ml.textual_inversion as ti
-        from di_assets.ml.threads import thread_count
         from di_assets.ml.train_tokens import train_tokens
 
         classes = storage.classes()  # once per step: a range of N classes must not list the dataset N times
@@ -43,8 +42,6 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
         with models.leased_spec() as spec:
             cfg = params.ti_config(spec.family)
             every = max(1, cfg.steps // 10)
-            device = spec.resolved().device  # `auto` made the device it runs on
-            per_loop = cfg.classes_per_batch_on(spec.family, device)
             done, failures, todo = [], {}, []
             for key in context.partition_keys:
                 if key not in classes:
@@ -61,12 +58,10 @@ def build_class_token(code_version: str) -> dg.AssetsDefinition:
 
             # Groups of classes_per_batch classes train in one loop (each token as its own run would
             # leave it); on a CPU the groups spread over worker processes (ml/train_tokens.py).
-            workers = cfg.workers_on(spec.family, device, groups=-(-len(todo) // per_loop))
             reporters = [progress_of(folder.token) for _, folder in todo]
             outcomes = train_tokens(
                 [ti.TokenClass(folder.path, folder.token, folder.name, storage.token_dir(key)) for key, folder in todo],
-                model=spec, config=cfg, classes_per_batch=per_loop, workers=workers,
-                threads=max(1, thread_count(models.threads) // workers),
+                model=spec, config=cfg, threads=models.threads,
                 progress=lambda i, step, total, loss: reporters[i](step, total, loss))
             for (key, folder), r in zip(todo, outcomes):
                 if isinstance(r, BaseException):

@@ -24,6 +24,7 @@ import time
 from typing import Callable, Sequence
 
 from .textual_inversion import TextualInversionConfig, TokenClass, run_textual_inversion_many
+from .threads import thread_count
 
 log = logging.getLogger("di_assets")
 
@@ -37,8 +38,6 @@ def train_tokens(
     *,
     model,
     config: TextualInversionConfig,
-    classes_per_batch: int = 1,
-    workers: int = 1,
     threads: int | None = None,
     resume: bool = True,
     progress: Callable[[int, int, int, float], None] | None = None,
@@ -46,14 +45,18 @@ def train_tokens(
     """Learn every class's token; one result or class error per class, in order (as
     `run_textual_inversion_many`, whose contract each group follows).
 
-    Groups of `classes_per_batch` classes train in one loop. With `workers` > 1 the groups run in that
-    many fresh processes (spawned, so the caller's threads and open files are not copied), each with
-    `threads` torch threads (default 1); an error that is not a class's own stops them all and is
-    raised here, as is an exception from `progress`.
+    Groups of `config.classes_per_batch` classes train in one loop. With more than one of
+    `config.workers` (both by default for the model's family and device) the groups run in that many
+    fresh processes (spawned, so the caller's threads and open files are not copied), which share the
+    `threads` CPU threads (default: ml/threads.py's count) with at least one each; an error that is not
+    a class's own stops them all and is raised here, as is an exception from `progress`.
     """
+    spec = model.resolved()  # `auto` made the device it runs on
     items = list(classes)
-    groups = [list(range(i, min(i + classes_per_batch, len(items)))) for i in range(0, len(items), classes_per_batch)]
-    workers = max(1, min(workers, len(groups)))
+    per_loop = config.classes_per_batch_on(spec.family, spec.device)
+    groups = [list(range(i, min(i + per_loop, len(items)))) for i in range(0, len(items), per_loop)]
+    workers = max(1, min(config.workers_on(spec.family, spec.device, len(groups)), len(groups)))
+    threads = max(1, thread_count(threads) // workers)
     results: list = [None] * len(items)
     if workers == 1:
         for group in groups:
@@ -71,10 +74,10 @@ def train_tokens(
     messages = ctx.Queue()
     procs = [ctx.Process(target=_worker, name=f"di-assets-ti-{n}", daemon=True,
                          args=(n, [[(i, items[i]) for i in group] for group in share], model, config, resume,
-                               threads or 1, messages, os.getpid()))
+                               threads, messages, os.getpid()))
              for n, share in enumerate(shares)]
     log.info("textual inversion of %d classes in %d worker processes (%d thread%s each)", len(items), workers,
-             threads or 1, "" if (threads or 1) == 1 else "s")
+             threads, "" if threads == 1 else "s")
     finished: set[int] = set()
 
     def handle(message) -> None:
