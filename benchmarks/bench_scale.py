@@ -62,7 +62,8 @@ A throwaway 2 classes x 1 shift runs first (--no-warmup skips it), so that the f
 is not charged for the process's imports and model loads. Progress goes to stderr, with a line of
 details per configuration at the end (the tick's requests, `run`'s stages, the event log by type,
 what each update reran); stdout gets one Markdown table. --profile N adds the costliest functions of
-the whole orchestration (cProfile, cumulative and own time) to stderr. Ctrl-C prints the table of
+the whole orchestration (cProfile, cumulative and own time) to stderr, --profile-update N those of the
+update with one class changed. Ctrl-C prints the table of
 what was measured so far (a configuration stopped during the whole orchestration shows `>T (stopped)`;
 Dagster may hold the interrupt until the running step ends).
 """
@@ -442,6 +443,15 @@ def stage_lines(text: str) -> list[tuple[str, float]]:
                                                                   text, re.M)]
 
 
+def print_profile(profiler: cProfile.Profile, top: int, what: str) -> None:
+    """The costliest functions of a profiled span, on stderr: by cumulative time, then by own time."""
+    buf = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buf)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(max(10, top // 2))
+    print(f"--- profile: {what}\n{buf.getvalue()}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------ one configuration
 
 def write_settings(path: Path, data: Path, storage: Path, shifts: list[str], grain: str | None,
@@ -610,11 +620,7 @@ def measure(n: int, k: int, grain: str, args, base: Path, row: dict) -> dict | N
     row["whole"] = time.perf_counter() - t
     say(f"whole orchestration ({args.orchestrate}): {row['whole']:.1f}s")
     if profiler:
-        buf = io.StringIO()
-        stats = pstats.Stats(profiler, stream=buf)
-        stats.sort_stats("cumulative").print_stats(args.profile)
-        stats.sort_stats("tottime").print_stats(max(10, args.profile // 2))
-        print(buf.getvalue(), file=sys.stderr)
+        print_profile(profiler, args.profile, "whole orchestration")
 
     _, text = cli("query", "--config", str(config), "--format", "json",
                   "SELECT count(*) AS images, count(DISTINCT class_key || '|' || shift) AS pairs FROM scores")
@@ -637,7 +643,15 @@ def measure(n: int, k: int, grain: str, args, base: Path, row: dict) -> dict | N
     say(f"update, nothing changed: {row['update_nothing']:.1f}s, reran {row['update_nothing_did']}")
 
     changed = change_one_class(data)
-    elapsed, text = cli("update", "--config", str(config))
+    profiler = cProfile.Profile() if args.profile_update else None
+    if profiler:
+        profiler.enable()
+    try:
+        elapsed, text = cli("update", "--config", str(config))
+    finally:
+        if profiler:
+            profiler.disable()
+            print_profile(profiler, args.profile_update, f"update, {changed} changed")
     row["update_one_did"], row["update_one"] = describe_reruns(parse_update(text), changed), elapsed
     say(f"update, {changed} changed: {row['update_one']:.1f}s, reran {row['update_one_did']}")
     return row
@@ -710,6 +724,8 @@ def main() -> int:
     ap.add_argument("--keep", metavar="DIR", help="keep the data, storage and instance under DIR for inspection")
     ap.add_argument("--profile", type=int, metavar="N", default=0,
                     help="print the N costliest functions of the whole orchestration (cProfile) to stderr")
+    ap.add_argument("--profile-update", type=int, metavar="N", default=0,
+                    help="print the N costliest functions of the update with one class changed to stderr")
     args = ap.parse_args()
 
     for var in ("DAGSTER_HOME", "DI_ASSETS_CONFIG", "DI_ASSETS_STORAGE", "DI_ASSETS_EXECUTOR"):

@@ -231,6 +231,16 @@ def test_count_range_and_rows_checks_name_what_fails(flow):
     res = run_check_alone(defs, instance, check_key("scores_db", ROWS_CHECK))
     assert res.get_asset_check_evaluations()[0].passed
 
+    # a score file that no longer reads (its rows were gathered before: the cache must not hide it)
+    scores.write_bytes(b"PAR1 cut short")
+    res = run_check_alone(defs, instance, check_key("scores_db", ROWS_CHECK))
+    (rows,) = res.get_asset_check_evaluations()
+    meta = {k: v.value for k, v in rows.metadata.items()}
+    assert not rows.passed and meta["unreadable"] == "circle|base" and meta["failed"] == "circle|base"
+    pq.write_table(good, scores)
+    res = run_check_alone(defs, instance, check_key("scores_db", ROWS_CHECK))
+    assert res.get_asset_check_evaluations()[0].passed
+
 
 def test_class_images_check_per_class(tmp_path):
     """Observation reports the check for every class; executed alone, it reads the folder."""

@@ -1,6 +1,7 @@
 """Incremental observation (issue 13, item 4): only class folders whose listing changed are hashed
 again, and only changed classes get an observation; the sensor looks up new classes in one query."""
 
+import contextlib
 import json
 import logging
 import os
@@ -319,3 +320,52 @@ def test_an_unlistable_class_folder_gives_the_one_line_error(tmp_path, monkeypat
     with pytest.raises(PermissionError, match=r"^cannot read class folder .*cls: permission denied; "
                                               r"fix its permissions or remove it$"):
         observe.ObservationMemo(tmp_path / "store").describe("cls", folder)
+
+
+def test_a_tick_reads_the_class_keys_once_and_requests_what_it_did_before(tmp_path, monkeypatch):
+    """Dagster's evaluate_automation_conditions asks the instance for every class key once per partition
+    subset it stores in its cursor (hundreds of queries a tick); the driver's tick reads them once."""
+    from di_assets.defs import driver as driver_module
+
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        w = World(tmp_path, instance, n=6)
+        reads = []
+        storage_read = instance._event_storage.get_dynamic_partitions
+        monkeypatch.setattr(instance._event_storage, "get_dynamic_partitions",
+                            lambda name: reads.append(name) or storage_read(name))
+        drivers = {mode: driver_module.LocalDriver(w.defs, instance) for mode in ("once", "every time")}
+        for d in drivers.values():
+            d.tick()  # starts watching (the cursor is the driver's: the instance keeps nothing of a tick)
+        w.sensor()  # the classes arrive
+        count = {}
+        for mode, d in drivers.items():
+            if mode == "every time":  # the tick as Dagster's own helper does it, for comparison
+                monkeypatch.setattr(driver_module, "dynamic_partitions_read_once",
+                                    lambda instance: contextlib.nullcontext())
+            reads.clear()
+            assert d.tick() == {"class_token": set(w.keys)}, mode
+            count[mode] = len(reads)
+        assert count["once"] == 1 and count["every time"] > 20
+        # outside a tick the instance reads its storage again (a class added later is seen)
+        assert "get_dynamic_partitions" not in vars(instance)
+        instance.add_dynamic_partitions(CLASSES.name, ["late"])
+        assert "late" in instance.get_dynamic_partitions(CLASSES.name)
+
+
+def test_the_read_once_block_hands_out_copies():
+    from di_assets.defs.driver import dynamic_partitions_read_once
+
+    class Store:
+        calls = 0
+
+        def get_dynamic_partitions(self, name):
+            self.calls += 1
+            return ["a", "b"]
+
+    store = Store()
+    with dynamic_partitions_read_once(store):
+        first = store.get_dynamic_partitions("classes")
+        first.append("changed by a caller")
+        assert store.get_dynamic_partitions("classes") == ["a", "b"] and store.calls == 1
+    assert store.get_dynamic_partitions("classes") == ["a", "b"] and store.calls == 2

@@ -95,10 +95,10 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
         from di_assets.ml.diagnosis import use_storage_root
         from di_assets.ml.report import score_chart
 
-        if not list(Path(storage.root).glob("scores/*/*/*.parquet")):
+        if not any(Path(storage.root).glob(SCORES_GLOB)):
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
-        if baseline and list(storage.variant_root(True).glob("scores/*/*/*.parquet")):
+        if baseline and any(storage.variant_root(True).glob(SCORES_GLOB)):
             chosen.update(BASELINE_VIEWS)
         globs = {"glob": SCORES_GLOB, "baseline_glob": BASELINE_SCORES_GLOB}  # no absolute path in the file
         with duckdb.get_connection() as con:
@@ -107,14 +107,17 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
             for name, sql in chosen.items():
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(**globs)}")
             con.execute("COMMIT")
-        # The record's numbers and chart from ONE read of every score file, into memory (the columns they
-        # use), not one read per query through the views: at 1,000 classes x 24 shifts that is 24,000 files.
+        # The record's numbers and chart from the rows of every score file in memory (the columns they
+        # use), not from one read per query through the views: at 1,000 classes x 24 shifts that is
+        # 24,000 files; gather_score_rows reads again only the files that changed since the last run.
         import duckdb as duckdb_module
 
+        from di_assets.ml.score_rows import gather_score_rows
+
+        rows, _ = gather_score_rows(storage.root, SCORES_GLOB, list(SUMMARY_INPUT))
         with duckdb_module.connect() as mem:
-            use_storage_root(mem, storage.root)
-            mem.execute(f"CREATE TABLE scores AS SELECT {', '.join(SUMMARY_INPUT)} "
-                        f"FROM ({VIEWS['scores'].format(**globs)})")
+            mem.register("score_rows", rows)
+            mem.execute(f"CREATE TABLE scores AS SELECT {', '.join(SUMMARY_INPUT)} FROM score_rows")
             mem.execute(f"CREATE VIEW mean_scores AS {VIEWS['mean_scores']}")
             total = mem.execute("SELECT count(*) FROM scores").fetchone()[0]
             pairs = mem.execute("SELECT count(*) FROM mean_scores").fetchone()[0]
@@ -138,30 +141,35 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
                       shift_keys: list[str]) -> tuple[bool, dict]:
     """ROWS_CHECK: the `scores` view counts as many rows as the Parquet files of the materialized
-    clip_scores partitions hold (by their metadata: no file is read whole), with no file missing and
-    no file of another partition in the view."""
+    clip_scores partitions hold (as gather_score_rows reads them: only changed files again), with no
+    file missing and no file of another partition in the view."""
     from pathlib import Path
 
     import duckdb
     import pyarrow.parquet as pq
 
     from di_assets.ml.diagnosis import use_storage_root
+    from di_assets.ml.score_rows import gather_score_rows
 
     classes, shifts = set(instance.get_dynamic_partitions(CLASSES.name)), set(shift_keys)
     # a class x shift partition holds its pair; a class partition (the class grain) every shift
     expected = {f"{c}|{s}" for k in instance.get_materialized_partitions(dg.AssetKey("clip_scores"))
                 for c, s in pairs_of(k, shift_keys) if c in classes and s in shifts}
     files = {}  # what the view reads (its glob), by partition
-    for path in sorted(Path(storage.root).glob("scores/*/*/*.parquet")):
+    for path in sorted(Path(storage.root).glob(SCORES_GLOB)):
         files.setdefault(f"{path.parent.parent.name.removeprefix('class=')}|{path.parent.name.removeprefix('shift=')}",
                          []).append(path)
     missing, extra = sorted(expected - files.keys()), sorted(files.keys() - expected)
-    file_rows, unreadable = 0, []
-    for key, paths in files.items():
-        try:
-            file_rows += sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-        except Exception:  # noqa: BLE001 - a corrupt file fails the check, with its partition named
-            unreadable.append(key)
+    unreadable = []
+    try:  # the rows scores_db gathered, read again only where a file changed since
+        file_rows = sum(gather_score_rows(storage.root, SCORES_GLOB, list(SUMMARY_INPUT))[1].values())
+    except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
+        file_rows = 0
+        for key, paths in files.items():
+            try:
+                file_rows += sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+            except Exception:  # noqa: BLE001
+                unreadable.append(key)
     meta = {"path": dg.MetadataValue.path(str(storage.scores_db)), "partitions": len(expected),
             "file_rows": file_rows, "missing": name_list(missing) or "none", "extra": name_list(extra) or "none",
             **({"unreadable": name_list(unreadable)} if unreadable else {})}

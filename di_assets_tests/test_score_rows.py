@@ -1,0 +1,111 @@
+"""gather_score_rows: the score files' rows, read again only where a file changed (scores_db's record
+and its rows check use it, so that an update of one class does not read every class's files)."""
+
+import logging
+import os
+import time
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from di_assets.ml.io import atomic_path
+from di_assets.ml.score_rows import CACHE, RACY_NS, gather_score_rows
+
+GLOB = "scores/*/*/*.parquet"
+COLUMNS = ["class_key", "shift", "sim_class", "kept"]
+
+
+def write_scores(root, key, shift, sims):
+    path = root / "scores" / f"class={key}" / f"shift={shift}" / "part.parquet"
+    with atomic_path(path) as tmp:  # as clip_scores writes them: a new file renamed over the old
+        pq.write_table(pa.table({"class_key": [key] * len(sims), "shift": [shift] * len(sims),
+                                 "sim_class": pa.array(sims, pa.float32()), "kept": [s > 0 for s in sims]}), tmp)
+    return path
+
+
+def settle():
+    time.sleep(2 * RACY_NS / 1e9)  # files older than a clock tick: their signatures are trusted
+
+
+def fresh_read(root):
+    """What the `scores` view reads now, with no cache: the reference."""
+    with duckdb.connect() as con:
+        return sorted(con.execute(f"SELECT {', '.join(COLUMNS)} FROM read_parquet('{root}/{GLOB}', "
+                                  "hive_partitioning = true, union_by_name = true)").fetchall())
+
+
+def gathered(root, caplog):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="di_assets"):
+        table, counts = gather_score_rows(root, GLOB, COLUMNS)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score rows:")]
+    rows = sorted(zip(*(table.column(c).to_pylist() for c in COLUMNS)))
+    return rows, counts, said[-1]
+
+
+def test_only_changed_new_and_racy_files_are_read_again(tmp_path, caplog):
+    for key in ("a", "b", "c"):
+        for shift in ("base", "at_night"):
+            write_scores(tmp_path, key, shift, [0.1, -0.2, 0.3])
+    rows, counts, said = gathered(tmp_path, caplog)
+    assert rows == fresh_read(tmp_path) and len(rows) == 18
+    assert counts == {f"scores/class={k}/shift={s}/part.parquet": 3 for k in "abc" for s in ("base", "at_night")}
+    assert said == "score rows: 6 files, 6 read again, 0 from the cache"
+    assert (tmp_path / CACHE).is_file()
+
+    # written a moment ago: racy, so not trusted yet (a write right after could keep size and time stamps)
+    assert gathered(tmp_path, caplog)[2] == "score rows: 6 files, 6 read again, 0 from the cache"
+    settle()
+    gathered(tmp_path, caplog)
+    rows, _, said = gathered(tmp_path, caplog)
+    assert said == "score rows: 6 files, 0 read again, 6 from the cache" and rows == fresh_read(tmp_path)
+
+    # one class rewritten with other rows, one file removed, one class added
+    write_scores(tmp_path, "b", "base", [0.9, 0.8])
+    (tmp_path / "scores/class=c/shift=at_night/part.parquet").unlink()
+    write_scores(tmp_path, "d", "base", [0.5])
+    rows, counts, said = gathered(tmp_path, caplog)
+    assert said == "score rows: 6 files, 2 read again, 4 from the cache"
+    assert rows == fresh_read(tmp_path) and len(rows) == 15
+    assert counts["scores/class=b/shift=base/part.parquet"] == 2 and "scores/class=c/shift=at_night/part.parquet" not in counts
+
+
+def test_a_same_size_rewrite_with_its_mtime_set_back_is_read_again(tmp_path, caplog):
+    path = write_scores(tmp_path, "a", "base", [0.1, 0.2])
+    settle()
+    gathered(tmp_path, caplog)
+    stat = path.stat()
+    table = pq.read_table(path)
+    # in place, same size, same mtime: only the ctime (and here the inode kept) tells
+    pq.write_table(table.set_column(2, "sim_class", pa.array([0.7, 0.2], pa.float32())), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    rows, _, said = gathered(tmp_path, caplog)
+    assert said == "score rows: 1 files, 1 read again, 0 from the cache"
+    assert [r[2] for r in rows] == pytest.approx([0.2, 0.7])
+
+
+def test_a_corrupt_or_foreign_cache_only_means_reading_again(tmp_path, caplog):
+    write_scores(tmp_path, "a", "base", [0.1, 0.2])
+    settle()
+    gathered(tmp_path, caplog)
+    (tmp_path / CACHE).write_bytes(b"not parquet")
+    rows, _, said = gathered(tmp_path, caplog)
+    assert said == "score rows: 1 files, 1 read again, 0 from the cache" and rows == fresh_read(tmp_path)
+    assert any("ignoring the score rows cache" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    # a cache of other columns (another version's) is not used for these
+    gather_score_rows(tmp_path, GLOB, COLUMNS[:2])
+    rows, _, said = gathered(tmp_path, caplog)
+    assert said.endswith("1 read again, 0 from the cache") and rows == fresh_read(tmp_path)
+
+
+def test_a_corrupt_score_file_raises_as_the_view_would(tmp_path):
+    write_scores(tmp_path, "a", "base", [0.1])
+    settle()
+    gather_score_rows(tmp_path, GLOB, COLUMNS)
+    bad = write_scores(tmp_path, "b", "base", [0.2])
+    bad.write_bytes(b"PAR1 broken")
+    with pytest.raises(duckdb.Error):
+        gather_score_rows(tmp_path, GLOB, COLUMNS)
