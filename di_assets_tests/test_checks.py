@@ -281,3 +281,35 @@ def test_checks_are_declared_per_partition_and_blocking_where_they_guard(tmp_pat
     # no asset computes a check inside itself any more: every check can run without its asset
     for key in ("class_token", "counterfactuals", "clip_scores"):
         assert not defs.resolve_assets_def(key).check_specs_by_output_name
+
+
+@pytest.mark.slow  # the module's world
+def test_the_scores_view_unifies_columns_only_while_files_differ(flow):
+    """Unifying columns by name opens every file for every query; the view does it only while score
+    files of different columns (two code versions) coexist, and reads them all then."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from di_assets.ml.diagnosis import use_storage_root
+
+    daemon, _, store, _ = flow
+    path = store / "scores" / "class=circle" / "shift=base" / "part.parquet"
+
+    def view():
+        with duckdb.connect(str(store / "scores.duckdb"), read_only=True) as con:
+            use_storage_root(con, store)
+            sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'scores'").fetchone()[0]
+            return "union_by_name" in sql, con.execute("SELECT class, count(*) FROM scores GROUP BY ALL ORDER BY 1").fetchall()
+
+    daemon.materialize(["scores_db"])
+    assert view() == (False, [("circle", 1), ("square", 1)])
+    good = pq.read_table(path)
+    pq.write_table(good.append_column("older_column", pa.array([7])), path)
+    daemon.materialize(["scores_db"])
+    assert view() == (True, [("circle", 1), ("square", 1)])
+    res = run_check_alone(daemon.defs, daemon.instance, check_key("scores_db", ROWS_CHECK))
+    assert res.get_asset_check_evaluations()[0].passed
+    pq.write_table(good, path)
+    daemon.materialize(["scores_db"])
+    assert view() == (False, [("circle", 1), ("square", 1)])

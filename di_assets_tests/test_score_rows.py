@@ -39,10 +39,10 @@ def fresh_read(root):
 def gathered(root, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="di_assets"):
-        table, counts = gather_score_rows(root, GLOB, COLUMNS)
+        got = gather_score_rows(root, COLUMNS)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score rows:")]
-    rows = sorted(zip(*(table.column(c).to_pylist() for c in COLUMNS)))
-    return rows, counts, said[-1]
+    rows = sorted(zip(*(got.table.column(c).to_pylist() for c in COLUMNS)))
+    return rows, got.rows, said[-1]
 
 
 def test_only_changed_new_and_racy_files_are_read_again(tmp_path, caplog):
@@ -96,7 +96,7 @@ def test_a_corrupt_or_foreign_cache_only_means_reading_again(tmp_path, caplog):
     assert said == "score rows: 1 files, 1 read again, 0 from the cache" and rows == fresh_read(tmp_path)
     assert any("ignoring the score rows cache" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     # a cache of other columns (another version's) is not used for these
-    gather_score_rows(tmp_path, GLOB, COLUMNS[:2])
+    gather_score_rows(tmp_path, COLUMNS[:2])
     rows, _, said = gathered(tmp_path, caplog)
     assert said.endswith("1 read again, 0 from the cache") and rows == fresh_read(tmp_path)
 
@@ -104,8 +104,78 @@ def test_a_corrupt_or_foreign_cache_only_means_reading_again(tmp_path, caplog):
 def test_a_corrupt_score_file_raises_as_the_view_would(tmp_path):
     write_scores(tmp_path, "a", "base", [0.1])
     settle()
-    gather_score_rows(tmp_path, GLOB, COLUMNS)
+    gather_score_rows(tmp_path, COLUMNS)
     bad = write_scores(tmp_path, "b", "base", [0.2])
     bad.write_bytes(b"PAR1 broken")
     with pytest.raises(duckdb.Error):
-        gather_score_rows(tmp_path, GLOB, COLUMNS)
+        gather_score_rows(tmp_path, COLUMNS)
+
+
+def test_the_listing_is_the_views_glob_without_hidden_files(tmp_path):
+    from di_assets.ml.score_rows import list_score_files
+
+    write_scores(tmp_path, "b", "base", [0.1])
+    write_scores(tmp_path, "a", "at_night", [0.1])
+    (tmp_path / "scores/class=a/shift=at_night/.part.parquet.tmp-1-x").write_bytes(b"half")  # a writer's temporary
+    (tmp_path / "scores/class=a/shift=at_night/notes.txt").write_text("not a score file")
+    (tmp_path / "scores/class=a/stray.parquet").write_bytes(b"")  # too shallow for the glob
+    globbed = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob(GLOB) if not p.name.startswith("."))
+    assert list_score_files(tmp_path) == globbed == ["scores/class=a/shift=at_night/part.parquet",
+                                                     "scores/class=b/shift=base/part.parquet"]
+    assert list_score_files(tmp_path / "nowhere") == []
+
+
+def test_files_of_other_columns_are_told_apart(tmp_path):
+    write_scores(tmp_path, "a", "base", [0.1])
+    write_scores(tmp_path, "b", "base", [0.2])
+    assert gather_score_rows(tmp_path, COLUMNS).uniform_schema
+    path = tmp_path / "scores/class=b/shift=base/part.parquet"  # as an older version wrote it: one column more
+    pq.write_table(pq.read_table(path).append_column("old_column", pa.array([1])), path)
+    assert not gather_score_rows(tmp_path, COLUMNS).uniform_schema
+
+
+def scores_view(con, root, glob="scores/*/*/*.parquet"):
+    from di_assets.defs.scores_db import VIEWS
+    from di_assets.ml.diagnosis import use_storage_root
+
+    use_storage_root(con, root)
+    con.execute(f"CREATE OR REPLACE VIEW scores AS {VIEWS['scores'].format(glob=glob, unify='')}")
+
+
+def test_the_view_counts_only_the_classes_that_changed(tmp_path):
+    from di_assets.ml.score_rows import count_through_view
+
+    for key in ("a", "b", "c", "d"):
+        for shift in ("base", "at_night"):
+            write_scores(tmp_path, key, shift, [0.1, 0.2, 0.3])
+    settle()
+    con = duckdb.connect()
+    scores_view(con, tmp_path)
+    first = count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))
+    assert first == {"db_rows": 24, "counted": 8, "mismatched": []}  # the first time: every pair
+    # nothing changed: one class still goes through the view, so that a broken view cannot pass
+    assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS)) == {
+        "db_rows": 24, "counted": 2, "mismatched": []}
+    write_scores(tmp_path, "c", "base", [0.5])  # class c rewritten: 1 row instead of 3
+    settle()
+    assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS)) == {
+        "db_rows": 22, "counted": 2, "mismatched": []}
+    # a view that reads less than the files: its new definition means every class is counted again
+    scores_view(con, tmp_path, glob="scores/*/shift=base/*.parquet")
+    wrong = count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))
+    assert wrong["counted"] == 8 and wrong["mismatched"] == ["a|at_night", "b|at_night", "c|at_night", "d|at_night"]
+    assert wrong["db_rows"] == 10
+    scores_view(con, tmp_path)
+    assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))["counted"] == 8
+
+
+def test_a_class_named_like_a_number_keeps_its_name_in_the_view(tmp_path):
+    from di_assets.ml.score_rows import count_through_view
+
+    write_scores(tmp_path, "001", "base", [0.1, 0.2])
+    write_scores(tmp_path, "002", "base", [0.3])
+    con = duckdb.connect()
+    scores_view(con, tmp_path)
+    assert sorted(con.execute("SELECT DISTINCT class FROM scores").fetchall()) == [("001",), ("002",)]
+    assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS)) == {
+        "db_rows": 3, "counted": 2, "mismatched": []}

@@ -17,9 +17,16 @@ ROWS_CHECK = "rows_match_score_files"
 SCORES_GLOB = "scores/*/*/*.parquet"
 BASELINE_SCORES_GLOB = f"{BASELINE_DIR}/{SCORES_GLOB}"
 
+# The Hive folder names as text (a class named `001` stays `001`). Columns are unified by name across
+# files only while files of different columns coexist (score files of two code versions): unifying
+# opens every file for every query, while one shared set of columns lets DuckDB skip the files of other
+# classes by their folder names (a query of one class at 1,000 classes: 0.7 s against 4 s).
+HIVE = "hive_partitioning = true, hive_types = {{'class': VARCHAR, 'shift': VARCHAR}}"
+UNIFY = ", union_by_name = true"
+
 VIEWS = {
     # One row per image; `class` and `shift` also come from the Hive folder names.
-    "scores": "SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)",
+    "scores": f"SELECT * FROM read_parquet('{{glob}}', {HIVE}{{unify}})",
     "mean_scores": """
         SELECT class_key, any_value(class_name) AS class_name, shift, count(*) AS images,
                avg(sim_class) AS mean_sim_class, avg(sim_shift) AS mean_sim_shift,
@@ -62,7 +69,7 @@ def summary_table(con, sql: str) -> dg.MetadataValue:
 
 # With the class-name baseline: its scores, and per class and shift the token beside the name.
 BASELINE_VIEWS = {
-    "baseline_scores": "SELECT * FROM read_parquet('{baseline_glob}', hive_partitioning = true, union_by_name = true)",
+    "baseline_scores": f"SELECT * FROM read_parquet('{{baseline_glob}}', {HIVE}{UNIFY})",
     "token_vs_name": """
         SELECT t.class_key, any_value(t.class_name) AS class_name, t.shift,
                avg(t.sim_class) AS token_sim_class, avg(n.sim_class) AS name_sim_class,
@@ -94,29 +101,29 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 
         from di_assets.ml.diagnosis import use_storage_root
         from di_assets.ml.report import score_chart
+        from di_assets.ml.score_rows import gather_score_rows, list_score_files
 
-        if not any(Path(storage.root).glob(SCORES_GLOB)):
+        # The rows the record's numbers and chart use, of every score file: gather_score_rows reads again
+        # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files).
+        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT))
+        if not rows.files:
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
-        if baseline and any(storage.variant_root(True).glob(SCORES_GLOB)):
+        if baseline and list_score_files(storage.root, f"{BASELINE_DIR}/scores"):
             chosen.update(BASELINE_VIEWS)
-        globs = {"glob": SCORES_GLOB, "baseline_glob": BASELINE_SCORES_GLOB}  # no absolute path in the file
+        globs = {"glob": SCORES_GLOB, "baseline_glob": BASELINE_SCORES_GLOB,  # no absolute path in the file
+                 "unify": "" if rows.uniform_schema else UNIFY}
         with duckdb.get_connection() as con:
             use_storage_root(con, storage.root)
             con.execute("BEGIN TRANSACTION")  # readers see the old views or the new ones, never a mix
             for name, sql in chosen.items():
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql.format(**globs)}")
             con.execute("COMMIT")
-        # The record's numbers and chart from the rows of every score file in memory (the columns they
-        # use), not from one read per query through the views: at 1,000 classes x 24 shifts that is
-        # 24,000 files; gather_score_rows reads again only the files that changed since the last run.
+        # The record's numbers and chart from those rows in memory, not from one read per query through the views.
         import duckdb as duckdb_module
 
-        from di_assets.ml.score_rows import gather_score_rows
-
-        rows, _ = gather_score_rows(storage.root, SCORES_GLOB, list(SUMMARY_INPUT))
         with duckdb_module.connect() as mem:
-            mem.register("score_rows", rows)
+            mem.register("score_rows", rows.table)
             mem.execute(f"CREATE TABLE scores AS SELECT {', '.join(SUMMARY_INPUT)} FROM score_rows")
             mem.execute(f"CREATE VIEW mean_scores AS {VIEWS['mean_scores']}")
             total = mem.execute("SELECT count(*) FROM scores").fetchone()[0]
@@ -141,55 +148,60 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
                       shift_keys: list[str]) -> tuple[bool, dict]:
     """ROWS_CHECK: the `scores` view counts as many rows as the Parquet files of the materialized
-    clip_scores partitions hold (as gather_score_rows reads them: only changed files again), with no
-    file missing and no file of another partition in the view."""
+    clip_scores partitions hold, with no file missing and no file of another partition in the view.
+    The files' rows come from gather_score_rows and the view counts the classes whose files changed
+    since it last counted them (count_through_view): an update of one class opens that class's files."""
     from pathlib import Path
 
     import duckdb
     import pyarrow.parquet as pq
 
     from di_assets.ml.diagnosis import use_storage_root
-    from di_assets.ml.score_rows import gather_score_rows
+    from di_assets.ml.score_rows import count_through_view, gather_score_rows, list_score_files
 
     classes, shifts = set(instance.get_dynamic_partitions(CLASSES.name)), set(shift_keys)
     # a class x shift partition holds its pair; a class partition (the class grain) every shift
     expected = {f"{c}|{s}" for k in instance.get_materialized_partitions(dg.AssetKey("clip_scores"))
                 for c, s in pairs_of(k, shift_keys) if c in classes and s in shifts}
     files = {}  # what the view reads (its glob), by partition
-    for path in sorted(Path(storage.root).glob(SCORES_GLOB)):
-        files.setdefault(f"{path.parent.parent.name.removeprefix('class=')}|{path.parent.name.removeprefix('shift=')}",
-                         []).append(path)
+    for f in list_score_files(storage.root):
+        parts = f.split("/")
+        files.setdefault(f"{parts[1].removeprefix('class=')}|{parts[2].removeprefix('shift=')}", []).append(f)
     missing, extra = sorted(expected - files.keys()), sorted(files.keys() - expected)
-    unreadable = []
-    try:  # the rows scores_db gathered, read again only where a file changed since
-        file_rows = sum(gather_score_rows(storage.root, SCORES_GLOB, list(SUMMARY_INPUT))[1].values())
+    unreadable, rows = [], None
+    try:
+        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT))
+        file_rows = sum(rows.rows.values())
     except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
         file_rows = 0
         for key, paths in files.items():
             try:
-                file_rows += sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+                file_rows += sum(pq.ParquetFile(Path(storage.root) / p).metadata.num_rows for p in paths)
             except Exception:  # noqa: BLE001
                 unreadable.append(key)
     meta = {"path": dg.MetadataValue.path(str(storage.scores_db)), "partitions": len(expected),
             "file_rows": file_rows, "missing": name_list(missing) or "none", "extra": name_list(extra) or "none",
             **({"unreadable": name_list(unreadable)} if unreadable else {})}
     try:
+        if rows is None:
+            raise ValueError("a score file cannot be read")
         con = duckdb.connect(str(storage.scores_db), read_only=True)
         try:
             use_storage_root(con, storage.root)
-            db_rows = con.execute("SELECT count(*) FROM scores").fetchone()[0]  # from the Parquet metadata
+            view = count_through_view(con, storage.root, rows)
         finally:
             con.close()
     except (duckdb.Error, OSError, ValueError) as exc:  # no database or view, a file it cannot read, a bad root
         return False, {**meta, **failed_summary(sorted({*missing, *extra, *unreadable}), len(expected)),
                        "reason": f"cannot count the scores view: {str(exc).splitlines()[0][:200]}"}
-    meta["db_rows"] = db_rows
-    failed = sorted({*missing, *extra, *unreadable})
-    ok = not failed and db_rows == file_rows
+    meta["db_rows"], meta["pairs_counted"] = view["db_rows"], view["counted"]
+    failed = sorted({*missing, *extra, *view["mismatched"]})
+    ok = not failed and view["db_rows"] == file_rows
     if not ok:
         meta["reason"] = (f"{len(missing)} partitions have no score file, {len(extra)} score files belong to no "
-                          f"materialized partition, {len(unreadable)} are unreadable" if failed
-                          else f"the view counts {db_rows} rows, the files {file_rows}")
+                          "materialized partition" if missing or extra
+                          else f"the view counts other rows than the files of {name_list(view['mismatched'])}"
+                          if view["mismatched"] else f"the view counts {view['db_rows']} rows, the files {file_rows}")
     return ok, {**meta, **failed_summary(failed, len(expected))}
 
 
