@@ -302,8 +302,15 @@ def test_the_scores_view_unifies_columns_only_while_files_differ(flow):
             sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'scores'").fetchone()[0]
             return "union_by_name" in sql, con.execute("SELECT class, count(*) FROM scores GROUP BY ALL ORDER BY 1").fetchall()
 
+    def view_ids():
+        with duckdb.connect(str(store / "scores.duckdb"), read_only=True) as con:
+            return dict(con.execute("SELECT view_name, view_oid FROM duckdb_views() WHERE NOT internal").fetchall())
+
     daemon.materialize(["scores_db"])
     assert view() == (False, [("circle", 1), ("square", 1)])
+    made = view_ids()
+    daemon.materialize(["scores_db"])  # the same SQL: the views stay (creating one lists all its files)
+    assert view_ids() == made and {"scores", "mean_scores", "dropped"} <= made.keys()
     good = pq.read_table(path)
     pq.write_table(good.append_column("older_column", pa.array([7])), path)
     daemon.materialize(["scores_db"])

@@ -59,8 +59,10 @@ def test_only_changed_new_and_racy_files_are_read_again(tmp_path, caplog):
     assert gathered(tmp_path, caplog)[2] == "score rows: 6 files, 6 read again, 0 from the cache"
     settle()
     gathered(tmp_path, caplog)
+    kept = (tmp_path / CACHE).stat()
     rows, _, said = gathered(tmp_path, caplog)
     assert said == "score rows: 6 files, 0 read again, 6 from the cache" and rows == fresh_read(tmp_path)
+    assert (tmp_path / CACHE).stat().st_ino == kept.st_ino  # nothing new: the cache is not written again
 
     # one class rewritten with other rows, one file removed, one class added
     write_scores(tmp_path, "b", "base", [0.9, 0.8])

@@ -164,12 +164,13 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], folder: str =
     coarse = all(sig[2] % 1_000_000_000 == 0 for sig in now.values()) and bool(now)
     racy_after = start - (COARSE_RACY_NS if coarse else RACY_NS)
     files = {f: [sig if max(sig[1], sig[2]) < racy_after else None, counts[f], schemas[f]] for f, sig in now.items()}
-    meta = {"format": FORMAT, "columns": columns, "files": files}
-    try:
-        with atomic_path(cache_path) as tmp:
-            pq.write_table(table.replace_schema_metadata({INDEX_KEY: json.dumps(meta)}), tmp)
-    except OSError as exc:  # a read-only root still gets its rows, only not kept
-        log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
+    if files != index:  # else the cache holds exactly this already (a second call in the same run)
+        meta = {"format": FORMAT, "columns": columns, "files": files}
+        try:
+            with atomic_path(cache_path) as tmp:
+                pq.write_table(table.replace_schema_metadata({INDEX_KEY: json.dumps(meta)}), tmp)
+        except OSError as exc:  # a read-only root still gets its rows, only not kept
+            log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
     log.info("score rows: %d files, %d read again, %d from the cache", len(now), len(changed), len(unchanged))
     return ScoreRows(table, files)
 
@@ -181,7 +182,7 @@ def _value_counts(column) -> tuple[list[str], list[int]]:
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
-def _pair(file: str) -> str:
+def pair_of_file(file: str) -> str:
     """`scores/class=<c>/shift=<s>/part.parquet` -> `<c>|<s>` (the names the Hive folders give)."""
     parts = file.split("/")
     return f"{parts[-3].removeprefix('class=')}|{parts[-2].removeprefix('shift=')}"
@@ -212,7 +213,7 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
         before = {}
     files_of: dict[str, list[str]] = {}
     for f in rows.files:
-        files_of.setdefault(_pair(f), []).append(f)
+        files_of.setdefault(pair_of_file(f), []).append(f)
     file_rows = {p: sum(rows.files[f][1] for f in fs) for p, fs in files_of.items()}
     stale = {p.split("|")[0] for p, fs in files_of.items()
              if any(rows.files[f][0] is None or before.get(f) != rows.files[f][:2] for f in fs)}
@@ -234,7 +235,8 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
     after.update({f: rows.files[f][:2] for p in pairs if p not in mismatched for f in files_of.get(p, [])
                   if rows.files[f][0] is not None})
     try:
-        write_json(memo_path, {"view": found[0], "files": after})
+        if after != before or not memo_path.exists():
+            write_json(memo_path, {"view": found[0], "files": after})
     except OSError as exc:
         log.warning("cannot keep %s (%s); the view's rows will be counted again", memo_path, exc)
     return {"db_rows": db_rows, "counted": len(pairs), "mismatched": mismatched}
