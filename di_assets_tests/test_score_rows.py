@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from di_assets.ml import score_rows
 from di_assets.ml.io import atomic_path
 from di_assets.ml.score_rows import CACHE, RACY_NS, gather_score_rows
 
@@ -36,7 +37,9 @@ def fresh_read(root):
                                   "hive_partitioning = true, union_by_name = true)").fetchall())
 
 
-def gathered(root, caplog):
+def gathered(root, caplog, new_process=True):
+    if new_process:  # as scores_db in the next run: only the cache on disk is left of this call
+        score_rows._LAST.clear()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="di_assets"):
         got = gather_score_rows(root, COLUMNS)
@@ -181,3 +184,16 @@ def test_a_class_named_like_a_number_keeps_its_name_in_the_view(tmp_path):
     assert sorted(con.execute("SELECT DISTINCT class FROM scores").fetchall()) == [("001",), ("002",)]
     assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS)) == {
         "db_rows": 3, "counted": 2, "mismatched": []}
+
+
+def test_a_second_call_in_the_same_process_reuses_the_first_while_nothing_changed(tmp_path, caplog):
+    write_scores(tmp_path, "a", "base", [0.1, 0.2])
+    settle()
+    first = gathered(tmp_path, caplog)
+    assert gathered(tmp_path, caplog, new_process=False) == (
+        first[0], first[1], "score rows: 1 files, unchanged since the last call in this process")
+    write_scores(tmp_path, "a", "base", [0.3])  # changed in between: read again
+    rows, counts, said = gathered(tmp_path, caplog, new_process=False)
+    assert said == "score rows: 1 files, 1 read again, 0 from the cache" and rows == fresh_read(tmp_path)
+    # written a moment ago (racy): not reused, even in the same process
+    assert gathered(tmp_path, caplog, new_process=False)[2] == "score rows: 1 files, 1 read again, 0 from the cache"

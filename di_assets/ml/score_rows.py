@@ -37,6 +37,7 @@ CACHE = Path(".scores_db") / "rows.parquet"
 COUNTED = Path(".scores_db") / "counted.json"  # count_through_view's memo: the files the view last counted right
 FORMAT = 2  # bump when the cached rows change meaning: older caches are then ignored
 FILE = "file"  # the column that names each row's file, relative to the root
+_LAST: dict[tuple, "ScoreRows"] = {}  # the last result per (root, columns, folder), in this process
 INDEX_KEY = b"di_assets.files"  # in the cache's Parquet metadata: {file: [signature or null, rows, schema digest]}
 
 
@@ -144,6 +145,11 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], folder: str =
             now[f] = _signature(os.stat(root / f))
         except FileNotFoundError:  # removed since it was listed: not there now
             continue
+    key = (str(root.resolve()), tuple(columns), folder)
+    last = _LAST.get(key)
+    if last is not None and {f: e[0] for f, e in last.files.items()} == now:
+        log.info("score rows: %d files, unchanged since the last call in this process", len(now))
+        return last  # a second call in this process (scores_db, then its check), nothing changed since
     cached, index = _load(cache_path, columns)
     unchanged = [f for f, sig in now.items() if cached is not None and f in index and index[f][0] == sig]
     kept = set(unchanged)
@@ -172,7 +178,8 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], folder: str =
         except OSError as exc:  # a read-only root still gets its rows, only not kept
             log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
     log.info("score rows: %d files, %d read again, %d from the cache", len(now), len(changed), len(unchanged))
-    return ScoreRows(table, files)
+    result = _LAST[key] = ScoreRows(table, files)  # a racy file's None never equals its signature
+    return result
 
 
 def _value_counts(column) -> tuple[list[str], list[int]]:
@@ -199,8 +206,6 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
     "counted": pairs counted now, "mismatched": pairs whose count differs from their files' rows}.
     What matched is kept in `<root>/.scores_db/counted.json` for the next call.
     """
-    from .io import write_json
-
     root = Path(root)
     found = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = ?", [view]).fetchone()
     if found is None:
@@ -236,7 +241,8 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
                   if rows.files[f][0] is not None})
     try:
         if after != before or not memo_path.exists():
-            write_json(memo_path, {"view": found[0], "files": after})
+            with atomic_path(memo_path) as tmp:  # compact: 24,000 entries at 1,000 classes
+                tmp.write_text(json.dumps({"view": found[0], "files": after}, separators=(",", ":")))
     except OSError as exc:
         log.warning("cannot keep %s (%s); the view's rows will be counted again", memo_path, exc)
     return {"db_rows": db_rows, "counted": len(pairs), "mismatched": mismatched}
