@@ -215,7 +215,8 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
 def build_rows_check(shift_keys: list[str]) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=SCORES_DB, name=ROWS_CHECK,
                     description="The `scores` view counts as many rows as the score files of the materialized "
-                                "clip_scores partitions (Parquet metadata), with no file missing and none extra")
+                                "clip_scores partitions, with no file missing and none extra (classes whose files "
+                                "changed since the last check are counted again)")
     def rows_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
         yield from emit(context, SCORES_DB, ROWS_CHECK,
                         {None: rows_check_result(storage, context.instance, shift_keys)})
