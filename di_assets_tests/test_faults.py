@@ -88,7 +88,7 @@ def scores_root(tmp_path) -> Path:
                 f"NULL::VARCHAR AS drop_reason) TO '{part / 'part.parquet'}' (FORMAT parquet)")
     glob = str(root / "scores" / "*" / "*" / "*.parquet")
     for name, sql in VIEWS.items():
-        con.execute(f"CREATE VIEW {name} AS {sql.format(glob=glob)}")
+        con.execute(f"CREATE VIEW {name} AS {sql.format(glob=glob, unify='')}")
     con.close()
     (tmp_path / "secret.csv").write_text("secret\n42\n")
     import shutil
