@@ -171,16 +171,17 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     # a class x shift partition holds its pair; a class partition (the class grain) every shift
     expected = {f"{c}|{s}" for k in instance.get_materialized_partitions(dg.AssetKey("clip_scores"))
                 for c, s in pairs_of(k, shift_keys) if c in classes and s in shifts}
-    files = {}  # what the view reads (its glob), by partition
-    for f in list_score_files(storage.root):
-        files.setdefault(pair_of_file(f), []).append(f)
-    missing, extra = sorted(expected - files.keys()), sorted(files.keys() - expected)
     unreadable, rows = [], None
     try:
         rows = gather_score_rows(storage.root, list(SUMMARY_INPUT))
-        file_rows = sum(rows.rows.values())
+        listed, file_rows = list(rows.files), sum(rows.rows.values())
     except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
-        file_rows = 0
+        listed, file_rows = list_score_files(storage.root), 0
+    files = {}  # what the view reads (its glob), by partition
+    for f in listed:
+        files.setdefault(pair_of_file(f), []).append(f)
+    missing, extra = sorted(expected - files.keys()), sorted(files.keys() - expected)
+    if rows is None:
         for key, paths in files.items():
             try:
                 file_rows += sum(pq.ParquetFile(Path(storage.root) / p).metadata.num_rows for p in paths)

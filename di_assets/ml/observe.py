@@ -59,8 +59,13 @@ def folder_listing(folder: str | os.PathLike) -> tuple[str, bool]:
         raise
     except OSError:
         return "missing", True
-    coarse = state["coarse"] and state["files"] > 0
-    return h.hexdigest()[:32], state["newest"] >= start - (COARSE_RACY_NS if coarse else RACY_NS)
+    return h.hexdigest()[:32], state["newest"] >= racy_after(start, state["coarse"] and state["files"] > 0)
+
+
+def racy_after(start_ns: int, coarse: bool) -> int:
+    """A file changed at or after this time (ns) may change again unseen by a listing taken at `start_ns`
+    (one clock tick before it; `coarse`: the file system keeps whole seconds)."""
+    return start_ns - (COARSE_RACY_NS if coarse else RACY_NS)
 
 
 def _walk(folder: Path, rel: str, h, state: dict) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_path
-from .observe import COARSE_RACY_NS, RACY_NS
+from .observe import racy_after
 
 log = logging.getLogger("di_assets")
 
@@ -37,7 +37,7 @@ CACHE = Path(".scores_db") / "rows.parquet"
 COUNTED = Path(".scores_db") / "counted.json"  # count_through_view's memo: the files the view last counted right
 FORMAT = 2  # bump when the cached rows change meaning: older caches are then ignored
 FILE = "file"  # the column that names each row's file, relative to the root
-_LAST: dict[tuple, "ScoreRows"] = {}  # the last result per (root, columns, folder), in this process
+_LAST: dict[tuple, "ScoreRows"] = {}  # the last result per (root, columns), in this process
 INDEX_KEY = b"di_assets.files"  # in the cache's Parquet metadata: {file: [signature or null, rows, schema digest]}
 
 
@@ -46,7 +46,8 @@ def _signature(st: os.stat_result) -> list[int]:
 
 
 def _load(path: Path, columns: list[str]):
-    """(cached table, {file: [signature, rows]}), or (None, {}) where there is no usable cache."""
+    """(cached table, {file: [signature or None, rows, schema digest]}), or (None, {}) where there is
+    no usable cache."""
     import pyarrow.parquet as pq
 
     if not path.exists():
@@ -125,7 +126,7 @@ class ScoreRows:
         return len({e[2] for e in self.files.values()}) <= 1
 
 
-def gather_score_rows(root: str | os.PathLike, columns: list[str], folder: str = "scores") -> ScoreRows:
+def gather_score_rows(root: str | os.PathLike, columns: list[str]) -> ScoreRows:
     """`columns` of every row of the score files under `root` (`list_score_files`), with FILE naming
     each row's file relative to `root`. Reads only the files that changed since the last call (see
     the module's text), then keeps the result for the next call.
@@ -140,12 +141,12 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], folder: str =
     cache_path = root / CACHE
     start = time.time_ns()
     now = {}  # file -> signature, for the files there now
-    for f in list_score_files(root, folder):
+    for f in list_score_files(root):
         try:
             now[f] = _signature(os.stat(os.path.join(root, f)))  # not pathlib: 24,000 of them
         except FileNotFoundError:  # removed since it was listed: not there now
             continue
-    key = (str(root.resolve()), tuple(columns), folder)
+    key = (str(root.resolve()), tuple(columns))
     last = _LAST.get(key)
     if last is not None and {f: e[0] for f, e in last.files.items()} == now:
         log.info("score rows: %d files, unchanged since the last call in this process", len(now))
@@ -167,9 +168,8 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], folder: str =
     counts = dict.fromkeys(now, 0)
     for f, n in zip(*_value_counts(table.column(FILE))):
         counts[f] = n
-    coarse = all(sig[2] % 1_000_000_000 == 0 for sig in now.values()) and bool(now)
-    racy_after = start - (COARSE_RACY_NS if coarse else RACY_NS)
-    files = {f: [sig if max(sig[1], sig[2]) < racy_after else None, counts[f], schemas[f]] for f, sig in now.items()}
+    racy = racy_after(start, all(sig[2] % 1_000_000_000 == 0 for sig in now.values()))
+    files = {f: [sig if max(sig[1], sig[2]) < racy else None, counts[f], schemas[f]] for f, sig in now.items()}
     if files != index:  # else the cache on disk holds exactly this already
         meta = {"format": FORMAT, "columns": columns, "files": files}
         try:
