@@ -12,7 +12,8 @@ import pytest
 
 from di_assets.ml import score_rows
 from di_assets.ml.io import atomic_path
-from di_assets.ml.score_rows import CACHE, RACY_NS, gather_score_rows
+from di_assets.ml.observe import RACY_NS
+from di_assets.ml.score_rows import CACHE, gather_score_rows
 
 GLOB = "scores/*/*/*.parquet"
 COLUMNS = ["class_key", "shift", "sim_class", "kept"]
@@ -24,6 +25,14 @@ def write_scores(root, key, shift, sims):
         pq.write_table(pa.table({"class_key": [key] * len(sims), "shift": [shift] * len(sims),
                                  "sim_class": pa.array(sims, pa.float32()), "kept": [s > 0 for s in sims]}), tmp)
     return path
+
+
+def make_racy(root):
+    """Stamp every score file a second ahead: for any gathering within that second it changed within a
+    clock tick (as a file written a moment ago does, whatever the machine's load)."""
+    ahead = time.time_ns() + 1_000_000_000
+    for path in root.glob(GLOB):
+        os.utime(path, ns=(ahead, ahead))
 
 
 def settle():
@@ -58,8 +67,12 @@ def test_only_changed_new_and_racy_files_are_read_again(tmp_path, caplog):
     assert said == "score rows: 6 files, 6 read again, 0 from the cache"
     assert (tmp_path / CACHE).is_file()
 
-    # written a moment ago: racy, so not trusted yet (a write right after could keep size and time stamps)
+    # changed a moment ago: racy, so not trusted yet (a write right after could keep size and time stamps)
+    make_racy(tmp_path)
+    gathered(tmp_path, caplog)
     assert gathered(tmp_path, caplog)[2] == "score rows: 6 files, 6 read again, 0 from the cache"
+    for path in tmp_path.glob(GLOB):
+        os.utime(path, ns=(0, 0))  # long ago (the ctime is now: settle)
     settle()
     gathered(tmp_path, caplog)
     kept = (tmp_path / CACHE).stat()
@@ -195,5 +208,7 @@ def test_a_second_call_in_the_same_process_reuses_the_first_while_nothing_change
     write_scores(tmp_path, "a", "base", [0.3])  # changed in between: read again
     rows, counts, said = gathered(tmp_path, caplog, new_process=False)
     assert said == "score rows: 1 files, 1 read again, 0 from the cache" and rows == fresh_read(tmp_path)
-    # written a moment ago (racy): not reused, even in the same process
+    # changed a moment ago (racy): not reused, even in the same process
+    make_racy(tmp_path)
+    gathered(tmp_path, caplog, new_process=False)
     assert gathered(tmp_path, caplog, new_process=False)[2] == "score rows: 1 files, 1 read again, 0 from the cache"
