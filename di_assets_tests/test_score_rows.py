@@ -212,3 +212,28 @@ def test_a_second_call_in_the_same_process_reuses_the_first_while_nothing_change
     make_racy(tmp_path)
     gathered(tmp_path, caplog, new_process=False)
     assert gathered(tmp_path, caplog, new_process=False)[2] == "score rows: 1 files, 1 read again, 0 from the cache"
+
+
+def test_a_killed_writers_temporary_goes_even_when_nothing_is_written(tmp_path):
+    """The fault-injection test kills runs mid-write: the next gathering removes what the killed one
+    left, also when its cache needs no new write."""
+    import subprocess
+
+    write_scores(tmp_path, "a", "base", [0.1])
+    settle()
+    gather_score_rows(tmp_path, COLUMNS)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = ended.pid  # the pid of a writer that is gone
+    for memo in (CACHE, score_rows.COUNTED):
+        (tmp_path / memo).parent.mkdir(exist_ok=True)
+        (tmp_path / memo.parent / f".{memo.name}.tmp-{dead}-x").write_bytes(b"half")
+    score_rows._LAST.clear()
+    got = gather_score_rows(tmp_path, COLUMNS)
+    assert not (tmp_path / CACHE.parent / f".{CACHE.name}.tmp-{dead}-x").exists()
+    con = duckdb.connect()
+    scores_view(con, tmp_path)
+    score_rows.count_through_view(con, tmp_path, got)  # writes its memo: the first count
+    (tmp_path / score_rows.COUNTED.parent / f".{score_rows.COUNTED.name}.tmp-{dead}-x").write_bytes(b"half")
+    score_rows.count_through_view(con, tmp_path, got)  # nothing new to write
+    assert [p.name for p in (tmp_path / CACHE.parent).iterdir() if ".tmp-" in p.name] == []

@@ -35,7 +35,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _sweep_dead_temporaries(path: Path) -> None:
+def sweep_dead_temporaries(path: Path) -> None:
     """Remove the temporaries of `path` that a killed writer left (`.<name>.tmp-<pid>-*`, and
     `.<name>.old-<pid>`): their process is gone, so no write of theirs is under way. A live writer's
     (another process, or this one) are left alone."""
@@ -62,7 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_dead_temporaries(path)
+    sweep_dead_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     os.close(fd)
     tmp_path = Path(tmp)
@@ -81,7 +81,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     writer's temporaries are removed by the next write of the same path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_dead_temporaries(path)
+    sweep_dead_temporaries(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp

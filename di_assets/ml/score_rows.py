@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import atomic_path
+from .io import atomic_path, sweep_dead_temporaries
 from .observe import racy_after
 
 log = logging.getLogger("di_assets")
@@ -170,13 +170,15 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str]) -> ScoreRows:
         counts[f] = n
     racy = racy_after(start, all(sig[2] % 1_000_000_000 == 0 for sig in now.values()))
     files = {f: [sig if max(sig[1], sig[2]) < racy else None, counts[f], schemas[f]] for f, sig in now.items()}
-    if files != index:  # else the cache on disk holds exactly this already
-        meta = {"format": FORMAT, "columns": columns, "files": files}
-        try:
+    try:
+        if files != index:  # else the cache on disk holds exactly this already
             with atomic_path(cache_path) as tmp:
+                meta = {"format": FORMAT, "columns": columns, "files": files}
                 pq.write_table(table.replace_schema_metadata({INDEX_KEY: json.dumps(meta)}), tmp)
-        except OSError as exc:  # a read-only root still gets its rows, only not kept
-            log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
+        else:  # what a writer killed mid-write left (atomic_path removes it when it writes)
+            sweep_dead_temporaries(cache_path)
+    except OSError as exc:  # a read-only root still gets its rows, only not kept
+        log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
     log.info("score rows: %d files, %d read again, %d from the cache", len(now), len(changed), len(unchanged))
     result = _LAST[key] = ScoreRows(table, files)  # a racy file's None never equals its signature
     return result
@@ -243,6 +245,8 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
         if after != before or not memo_path.exists():
             with atomic_path(memo_path) as tmp:  # compact: 24,000 entries at 1,000 classes
                 tmp.write_text(json.dumps({"view": found[0], "files": after}, separators=(",", ":")))
+        else:
+            sweep_dead_temporaries(memo_path)
     except OSError as exc:
         log.warning("cannot keep %s (%s); the view's rows will be counted again", memo_path, exc)
     return {"db_rows": db_rows, "counted": len(pairs), "mismatched": mismatched}
