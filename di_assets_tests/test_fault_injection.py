@@ -47,7 +47,11 @@ def start(world: Path, storage: str) -> subprocess.Popen:
 
 def new_files(root: Path, pattern: str, since: float) -> list[Path]:
     found = []
-    for p in root.glob(pattern):
+    try:
+        paths = list(root.glob(pattern))
+    except FileNotFoundError:  # a folder renamed away while the glob walked it (a live run's atomic_dir): poll again
+        return found
+    for p in paths:
         try:
             if p.stat().st_mtime >= since:
                 found.append(p)
