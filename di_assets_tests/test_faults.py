@@ -90,7 +90,7 @@ def scores_root(tmp_path) -> Path:
     for name, sql in VIEWS.items():
         con.execute(f"CREATE VIEW {name} AS {sql.format(glob=glob, unify='')}")
     con.close()
-    (tmp_path / "secret.csv").write_text("secret\n42\n")
+    (tmp_path / "secret.csv").write_text("secret\nSECRET-VALUE-7f1c\n")  # a value no temporary path can contain
     import shutil
     shutil.copy(root / "scores.duckdb", tmp_path / "other.duckdb")
     return root
@@ -123,7 +123,7 @@ def test_query_cannot_touch_files_network_or_settings(scores_root, sql, says):
     before = sorted(str(p) for p in out.rglob("*"))
     p = di("query", "--storage", str(scores_root), sql.format(out=out, root=scores_root), check=False)
     assert p.returncode != 0 and p.stderr.startswith("error:") and says in p.stderr, p.stderr
-    assert p.stderr.count("\n") == 1 and "42" not in p.stdout + p.stderr and "root:" not in p.stdout
+    assert p.stderr.count("\n") == 1 and "SECRET-VALUE-7f1c" not in p.stdout + p.stderr and "root:" not in p.stdout
     assert sorted(str(p) for p in out.rglob("*")) == before  # no file written anywhere
 
 
