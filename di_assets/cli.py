@@ -93,6 +93,7 @@ def cmd_run(args) -> int:
     import dagster as dg
 
     from di_assets.defs import CLASSES, build_defs
+    from di_assets.defs.checks import name_list
     from di_assets.defs.driver import LocalDriver
     from di_assets.defs.instance import run_tags
     from di_assets.defs.progress import run_loggers
@@ -149,7 +150,7 @@ def cmd_run(args) -> int:
     classes = instance.get_dynamic_partitions(CLASSES.name)
     if not classes:
         raise SystemExit(f"error: no class folders in {settings.dataset}")
-    print(f"dataset  {settings.dataset}: {len(classes)} classes ({', '.join(classes)})")
+    print(f"dataset  {settings.dataset}: {len(classes)} classes ({name_list(classes)})")  # at most 50 names
     print(f"shifts   {len(shifts)}: {', '.join(shifts)}")
     print(f"models   {settings.models.get('family', 'tiny')}; storage {storage}")
     print(f"log      {log_file} (every line of the runs; --verbose shows them here)")

@@ -320,3 +320,13 @@ def test_the_scores_view_unifies_columns_only_while_files_differ(flow):
     pq.write_table(good, path)
     daemon.materialize(["scores_db"])
     assert view() == (False, [("circle", 1), ("square", 1)])
+
+
+def test_name_list_names_at_most_fifty():
+    """Log lines, check metadata and the command's dataset line name at most 50 classes (21,000 at ImageNet-21k)."""
+    from di_assets.defs.checks import MAX_NAMED, name_list
+
+    keys = [f"c{i:05d}" for i in range(21_000)]
+    assert name_list(keys[:3]) == "c00000, c00001, c00002" and name_list([]) == ""
+    assert name_list(keys) == ", ".join(keys[:MAX_NAMED]) + f" (and {21_000 - MAX_NAMED} more)"
+    assert MAX_NAMED == 50 and len(name_list(keys)) < 500
