@@ -148,6 +148,21 @@ def test_partition_records_are_small(ranged):
             assert "base64" not in json.dumps({k: str(v.value) for k, v in m.metadata.items()})
 
 
+def test_the_encoder_root_record_names_at_most_fifty_classes(ranged):
+    """The root's record lists its classes, up to 50: at 21,000 classes the whole table would be a
+    megabyte in every record (the root is rebuilt by every update)."""
+    from di_assets.defs.encoder_root import token_table
+    from di_assets.ml.encoder_root import ClassToken
+
+    _, _, _, instance = ranged
+    (m,) = _latest(instance, "encoder_root").values()
+    table = m.metadata["tokens"].value
+    assert m.metadata["num_classes"].value == 2 and all(f"| {c} |" in table for c in CLASS_KEYS), table
+    many = token_table([ClassToken(i, f"k{i}", f"name {i}", f"<k{i}>", (49408 + i,)) for i in range(21_000)])
+    assert len(many) < 3000 and "`<k49>`" in many and "`<k50>`" not in many and "and 20950 more" in many
+    assert many.count("\n") == 2 + 50  # header, rule, 50 rows and the `more` row
+
+
 def test_the_views_and_their_row_check_hold_every_pair(ranged):
     import duckdb
 

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from .checks import emit, failed_summary, name_list
+from .checks import MAX_NAMED, emit, failed_summary, name_list
 from .partitions import CLASSES, OWNERS
 from .resources import ModelResource, StorageResource
 
@@ -42,8 +42,7 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
             metadata={
                 "path": dg.MetadataValue.path(str(storage.encoder_root)),
                 "num_classes": len(entries),
-                "tokens": dg.MetadataValue.md("| index | class | token |\n|---|---|---|\n" + "\n".join(
-                    f"| {ct.index} | {ct.name} | `{ct.token}` |" for ct in entries)),
+                "tokens": dg.MetadataValue.md(token_table(entries)),
             },
             # What each class's token holds is versioned by its class_token partition; the root's
             # own version is its layout (base model), so updating one class's row does not make
@@ -52,6 +51,16 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
         )
 
     return encoder_root
+
+
+def token_table(entries) -> str:
+    """The root's classes (ClassTokens in index order) as a Markdown table: the first MAX_NAMED, then how
+    many more. The whole list is the root's tokens.json; in the record it would be a megabyte at 21,000
+    classes, stored again with every update."""
+    rows = [f"| {ct.index} | {ct.name} | `{ct.token}` |" for ct in entries[:MAX_NAMED]]
+    if len(entries) > MAX_NAMED:
+        rows.append(f"| ... | and {len(entries) - MAX_NAMED} more: see `tokens.json` | |")
+    return "| index | class | token |\n|---|---|---|\n" + "\n".join(rows)
 
 
 def root_check_result(storage: StorageResource, known: list[str]) -> tuple[bool, dict]:
