@@ -100,9 +100,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
+def write_json(path: str | os.PathLike, obj, compact: bool = False) -> None:
+    """`obj` as JSON, atomically: indented for people, or `compact` for the memos of tens of thousands of
+    entries (the observation memo, the counted memo) that only the code reads."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2) + "\n")
 
 
 def save_image(image, path: str | os.PathLike) -> None:

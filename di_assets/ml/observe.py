@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from .io import _list_class_folder, atomic_path, describe_folder
+from .io import _list_class_folder, describe_folder, write_json
 
 log = logging.getLogger("di_assets")
 
@@ -184,8 +184,7 @@ class ObservationMemo:
         if not self._dirty:
             return
         try:
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps({"stamp": _stamp(), "classes": self.entries}, separators=(",", ":")))
+            write_json(self.path, {"stamp": _stamp(), "classes": self.entries}, compact=True)
         except OSError as exc:
             log.warning("cannot write the observation memo %s (%s); the next observation describes these "
                         "class folders again", self.path, exc)

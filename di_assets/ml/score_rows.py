@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import atomic_path, sweep_dead_temporaries
+from .io import atomic_path, sweep_dead_temporaries, write_json
 from .observe import racy_after
 
 log = logging.getLogger("di_assets")
@@ -243,8 +243,7 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
                   if rows.files[f][0] is not None})
     try:
         if after != before or not memo_path.exists():
-            with atomic_path(memo_path) as tmp:  # compact: 24,000 entries at 1,000 classes
-                tmp.write_text(json.dumps({"view": found[0], "files": after}, separators=(",", ":")))
+            write_json(memo_path, {"view": found[0], "files": after}, compact=True)  # 24,000 entries at 1,000 classes
         else:
             sweep_dead_temporaries(memo_path)
     except OSError as exc:
