@@ -374,22 +374,14 @@ def test_the_read_once_block_hands_out_copies():
 def test_the_sensor_cursor_is_small_and_new_for_every_change(tmp_path):
     """Dagster stores the sensor's cursor with every tick: a digest of the class set, not the names;
     a class that leaves, comes back and leaves again gets a new removal run each time."""
-    from di_assets.defs.class_images import class_folders_sensor
+    from di_assets.defs.driver import LocalDriver
 
     (tmp_path / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
         w = World(tmp_path, instance, n=40)
-        storage = w.defs.resources["storage"]
 
         def tick(cursor):
-            result = class_folders_sensor(dg.build_sensor_context(instance=instance, cursor=cursor,
-                                                                  resources={"storage": storage}))
-            for req in result.dynamic_partitions_requests:
-                if isinstance(req, dg.AddDynamicPartitionsRequest):
-                    instance.add_dynamic_partitions(CLASSES.name, list(req.partition_keys))
-                else:
-                    for key in req.partition_keys:
-                        instance.delete_dynamic_partition(CLASSES.name, key)
+            result = LocalDriver(w.defs, instance).sensor(run=False, cursor=cursor)
             return result.cursor, [r.run_key for r in result.run_requests]
 
         cursor, runs = tick(json.dumps(w.keys))  # the cursor of an older version: names

@@ -80,10 +80,12 @@ class LocalDriver:
         # The evaluator logs every asset at DEBUG on its own handler; keep the console for results.
         logging.getLogger("dagster.automation_condition_tester").setLevel(logging.WARNING)
 
-    def sensor(self, run: bool = True) -> dg.SensorResult:
-        """Evaluate class_folders_sensor and apply what it returns, in the daemon's order (with
-        `run=False`, its events and partition requests only, not the runs it asks for)."""
-        ctx = dg.build_sensor_context(instance=self.instance, resources={"storage": self.defs.resources["storage"]})
+    def sensor(self, run: bool = True, cursor: str | None = None) -> dg.SensorResult:
+        """Evaluate class_folders_sensor from `cursor` (the daemon's: the last tick's) and apply what it
+        returns, in the daemon's order (with `run=False`, its events and partition requests only, not
+        the runs it asks for)."""
+        ctx = dg.build_sensor_context(instance=self.instance, cursor=cursor,
+                                      resources={"storage": self.defs.resources["storage"]})
         result = class_folders_sensor(ctx)
         for event in result.asset_events:
             self.instance.report_runless_asset_event(event)
