@@ -46,12 +46,12 @@ def fresh_read(root):
                                   "hive_partitioning = true, union_by_name = true)").fetchall())
 
 
-def gathered(root, caplog, new_process=True):
+def gathered(root, caplog, new_process=True, run=None):
     if new_process:  # as scores_db in the next run: only the cache on disk is left of this call
         score_rows._LAST.clear()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="di_assets"):
-        got = gather_score_rows(root, COLUMNS)
+        got = gather_score_rows(root, COLUMNS, run=run)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score rows:")]
     rows = sorted(zip(*(got.table.column(c).to_pylist() for c in COLUMNS)))
     return rows, got.rows, said[-1]
@@ -187,6 +187,32 @@ def test_the_view_counts_only_the_classes_that_changed(tmp_path):
     assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))["counted"] == 8
 
 
+def test_a_changed_class_is_counted_through_the_views_own_sql_over_its_folder_only(tmp_path):
+    from di_assets.ml.score_rows import count_through_view, narrowed_view
+
+    for key in ("a", "b", "c", "d"):
+        write_scores(tmp_path, key, "base", [0.1, 0.2])
+    settle()
+    con = duckdb.connect()
+    scores_view(con, tmp_path)
+    assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))["counted"] == 4
+    write_scores(tmp_path, "c", "base", [0.5])
+    settle()
+    rows = gather_score_rows(tmp_path, COLUMNS)
+    # class a's file broken after the gathering: the whole view cannot be read, the count of c never opens it
+    (tmp_path / "scores/class=a/shift=base/part.parquet").write_bytes(b"not parquet")
+    with pytest.raises(duckdb.Error):
+        con.execute("SELECT count(*) FROM scores").fetchall()
+    assert count_through_view(con, tmp_path, rows) == {"db_rows": 7, "counted": 1, "mismatched": []}
+
+    sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'scores'").fetchone()[0]
+    narrow = narrowed_view(sql, ["class=c", "class=d"])
+    assert "['scores/class=c/*/*.parquet', 'scores/class=d/*/*.parquet']" in narrow and "scores/*/" not in narrow
+    assert con.execute(f"SELECT count(*) FROM ({narrow})").fetchone()[0] == 3
+    # a view without exactly one `scores/*/` glob is read whole
+    assert narrowed_view(sql.replace("scores/*/", "scores/class=b/"), ["class=c"]) is None
+
+
 def test_a_class_named_like_a_number_keeps_its_name_in_the_view(tmp_path):
     from di_assets.ml.score_rows import count_through_view
 
@@ -212,6 +238,18 @@ def test_a_second_call_in_the_same_process_reuses_the_first_while_nothing_change
     make_racy(tmp_path)
     gathered(tmp_path, caplog, new_process=False)
     assert gathered(tmp_path, caplog, new_process=False)[2] == "score rows: 1 files, 1 read again, 0 from the cache"
+
+
+def test_the_rows_check_takes_the_gathering_of_its_run(tmp_path, caplog):
+    """scores_db and its rows check in one run see the same files: the check does not list them again."""
+    write_scores(tmp_path, "a", "base", [0.1, 0.2])
+    settle()
+    first = gathered(tmp_path, caplog, run="run-1")
+    write_scores(tmp_path, "a", "base", [0.3])  # after scores_db gathered: its run's check does not look
+    assert gathered(tmp_path, caplog, new_process=False, run="run-1") == (
+        first[0], first[1], "score rows: 1 files, as gathered before in this run")
+    rows, _, said = gathered(tmp_path, caplog, new_process=False, run="run-2")  # the next run looks again
+    assert said == "score rows: 1 files, 1 read again, 0 from the cache" and rows == fresh_read(tmp_path) != first[0]
 
 
 def test_a_killed_writers_temporary_goes_even_when_nothing_is_written(tmp_path):

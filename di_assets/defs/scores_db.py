@@ -105,7 +105,8 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 
         # The rows the record's numbers and chart use, of every score file: gather_score_rows reads again
         # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files).
-        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT))
+        # Its rows check, in this run, takes the same gathering.
+        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=context.run.run_id)
         if not rows.files:
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
@@ -154,11 +155,12 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 
 
 def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
-                      shift_keys: list[str]) -> tuple[bool, dict]:
+                      shift_keys: list[str], run: str | None = None) -> tuple[bool, dict]:
     """ROWS_CHECK: the `scores` view counts as many rows as the Parquet files of the materialized
     clip_scores partitions hold, with no file missing and no file of another partition in the view.
     The files' rows come from gather_score_rows and the view counts the classes whose files changed
-    since it last counted them (count_through_view): an update of one class opens that class's files."""
+    since it last counted them (count_through_view): an update of one class opens that class's files.
+    In the run that materialized scores_db (`run`), the files are those it gathered."""
     from pathlib import Path
 
     import duckdb
@@ -173,7 +175,7 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
                 for c, s in pairs_of(k, shift_keys) if c in classes and s in shifts}
     unreadable, rows = [], None
     try:
-        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT))
+        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=run)
         listed, file_rows = list(rows.files), sum(rows.rows.values())
     except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
         listed, file_rows = list_score_files(storage.root), 0
@@ -220,6 +222,6 @@ def build_rows_check(shift_keys: list[str]) -> dg.AssetChecksDefinition:
                                 "changed since the last check are counted again)")
     def rows_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
         yield from emit(context, SCORES_DB, ROWS_CHECK,
-                        {None: rows_check_result(storage, context.instance, shift_keys)})
+                        {None: rows_check_result(storage, context.instance, shift_keys, context.run.run_id)})
 
     return rows_check

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,7 @@ class ScoreRows:
 
     table: object
     files: dict[str, list]
+    run: str | None = None  # the `run` it was gathered for
 
     @property
     def rows(self) -> dict[str, int]:
@@ -126,10 +128,14 @@ class ScoreRows:
         return len({e[2] for e in self.files.values()}) <= 1
 
 
-def gather_score_rows(root: str | os.PathLike, columns: list[str]) -> ScoreRows:
+def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | None = None) -> ScoreRows:
     """`columns` of every row of the score files under `root` (`list_score_files`), with FILE naming
     each row's file relative to `root`. Reads only the files that changed since the last call (see
     the module's text), then keeps the result for the next call.
+
+    `run` names the caller's unit of work (a Dagster run): a call for the same `run` as the last call in
+    this process returns that call's result without looking at the files again. scores_db and its rows
+    check then see the same files in one run, and the check does not list 24,000 files again.
 
     A file that cannot be read raises DuckDB's error (the `scores` view could not read it either).
     """
@@ -140,17 +146,21 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str]) -> ScoreRows:
     root = Path(root)
     cache_path = root / CACHE
     start = time.time_ns()
+    key = (str(root.resolve()), tuple(columns))
+    last = _LAST.get(key)
+    if run is not None and last is not None and last.run == run:
+        log.info("score rows: %d files, as gathered before in this run", len(last.files))
+        return last
     now = {}  # file -> signature, for the files there now
     for f in list_score_files(root):
         try:
             now[f] = _signature(os.stat(os.path.join(root, f)))  # not pathlib: 24,000 of them
         except FileNotFoundError:  # removed since it was listed: not there now
             continue
-    key = (str(root.resolve()), tuple(columns))
-    last = _LAST.get(key)
     if last is not None and {f: e[0] for f, e in last.files.items()} == now:
         log.info("score rows: %d files, unchanged since the last call in this process", len(now))
-        return last  # a second call in this process (scores_db, then its check), nothing changed since
+        last.run = run
+        return last  # a second call in this process, nothing changed since
     cached, index = _load(cache_path, columns)
     unchanged = [f for f, sig in now.items() if cached is not None and f in index and index[f][0] == sig]
     kept = set(unchanged)
@@ -180,7 +190,7 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str]) -> ScoreRows:
     except OSError as exc:  # a read-only root still gets its rows, only not kept
         log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
     log.info("score rows: %d files, %d read again, %d from the cache", len(now), len(changed), len(unchanged))
-    result = _LAST[key] = ScoreRows(table, files)  # a racy file's None never equals its signature
+    result = _LAST[key] = ScoreRows(table, files, run)  # a racy file's None never equals its signature
     return result
 
 
@@ -197,12 +207,27 @@ def pair_of_file(file: str) -> str:
     return f"{parts[-3].removeprefix('class=')}|{parts[-2].removeprefix('shift=')}"
 
 
+def narrowed_view(view_sql: str, folders: list[str], folder: str = "scores") -> str | None:
+    """The SELECT of a view (`view_sql` as `duckdb_views()` gives it) reading only the class folders
+    `folders`: its one glob `'<folder>/*/...'` becomes a list of globs with each folder for the `*`. DuckDB
+    expands a glob in full before it filters on a Hive column (0.5 s for 24,000 files, whatever the
+    filter), so a count of one class through the whole view costs as much as a count of all.
+    None where the view has no such glob exactly once (then only the whole view says what it reads)."""
+    m = re.fullmatch(r"CREATE (?:OR REPLACE )?VIEW \S+ AS (.*?);?", view_sql.strip(), re.DOTALL)
+    globs = re.findall(rf"'{re.escape(folder)}/\*/([^']*)'", m.group(1)) if m else []
+    if len(globs) != 1 or not folders:
+        return None
+    listed = ", ".join("'{}/{}/{}'".format(folder, f.replace("'", "''"), globs[0]) for f in folders)
+    return m.group(1).replace(f"'{folder}/*/{globs[0]}'", f"[{listed}]")
+
+
 def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str = "scores") -> dict:
     """Count `view`'s rows per class x shift pair (its Hive columns `class` and `shift`) and compare
     them with the rows of the pair's files (`rows`), for the classes with a file that changed since
     the view last counted it: every class the first time, or when the view's definition changed; at
-    least one class, so that the view is read every time. The view skips the other classes' files by
-    their folder names, so an update of one class opens that class's files only.
+    least one class, so that the view is read every time. Those classes are read through the view's own
+    SQL narrowed to their folders (`narrowed_view`), so an update of one class lists and opens that
+    class's files only.
 
     Returns {"db_rows": the view's rows (counted now, or counted before and unchanged since),
     "counted": pairs counted now, "mismatched": pairs whose count differs from their files' rows}.
@@ -227,13 +252,18 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
     if not stale and files_of:
         stale = {min(files_of).split("|")[0]}
     all_classes = {p.split("|")[0] for p in files_of}
-    sql = f"SELECT class, shift, count(*) FROM {view}"
-    params: list[str] = []
-    if len(stale) <= len(all_classes) // 2:  # a filter on the Hive column: the other folders are not opened
-        sql += f" WHERE class IN ({', '.join('?' * len(stale))})"
-        params = sorted(stale)
-    counted = {f"{c}|{s}": n for c, s, n in con.execute(sql + " GROUP BY ALL", params).fetchall()}
-    counted_classes = stale if params else all_classes | {p.split("|")[0] for p in counted}
+    source, params = view, []
+    if len(stale) <= len(all_classes) // 2:
+        folders = sorted({f.split("/")[-3] for p, fs in files_of.items() if p.split("|")[0] in stale for f in fs})
+        narrow = narrowed_view(found[0], folders)
+        if narrow is not None:  # the view's own reader, over the stale classes' folders only
+            source = f"({narrow})"
+        else:  # a filter on the Hive column: the other folders are listed but not opened
+            source += f" WHERE class IN ({', '.join('?' * len(stale))})"
+            params = sorted(stale)
+    counted = {f"{c}|{s}": n for c, s, n in
+               con.execute(f"SELECT class, shift, count(*) FROM {source} GROUP BY ALL", params).fetchall()}
+    counted_classes = stale if source != view else all_classes | {p.split("|")[0] for p in counted}
     pairs = {p for p in {*files_of, *counted} if p.split("|")[0] in counted_classes}
     mismatched = sorted(p for p in pairs if counted.get(p, 0) != file_rows.get(p, 0))
     db_rows = sum(counted.values()) + sum(n for p, n in file_rows.items() if p.split("|")[0] not in counted_classes)
