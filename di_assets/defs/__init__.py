@@ -52,7 +52,8 @@ def collect_less_often() -> None:
         if len(threshold) != 3 or min(threshold) < 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"{GC_ENV}={value!r}: give three integers, as gc.set_threshold takes them (e.g. 700,10,10)") from None
+        raise ValueError(f"{GC_ENV}={value!r}: give three integers, as gc.set_threshold takes them "
+                         "(e.g. 700,10,10)") from None
     gc.set_threshold(*threshold)
 
 
