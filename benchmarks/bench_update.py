@@ -44,21 +44,26 @@ def one(kept: Path) -> dict:
 
     bench_scale.install_stand_ins()
     config = str(kept / "settings.yaml")
-    with contextlib.redirect_stderr(io.StringIO()):  # bench_scale.cli echoes the command's output there
-        bench_scale.cli("update", "--config", config)
-        changed = bench_scale.change_one_class(kept / "data")
-        spent, counts, started = [0.0], [0, 0, 0], [0.0]
+    echoed = io.StringIO()  # bench_scale.cli echoes the command's output to stderr: shown only on a failure
+    spent, counts, started = [0.0], [0, 0, 0], [0.0]
 
-        def watch(phase: str, info: dict) -> None:
-            if phase == "start":
-                started[0] = time.perf_counter()
-            else:
-                spent[0] += time.perf_counter() - started[0]
-                counts[info["generation"]] += 1
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+            counts[info["generation"]] += 1
 
-        gc.callbacks.append(watch)
-        elapsed, text = bench_scale.cli("update", "--config", config)
-        gc.callbacks.remove(watch)
+    try:
+        with contextlib.redirect_stderr(echoed):
+            bench_scale.cli("update", "--config", config)
+            changed = bench_scale.change_one_class(kept / "data")
+            gc.callbacks.append(watch)
+            elapsed, text = bench_scale.cli("update", "--config", config)
+            gc.callbacks.remove(watch)
+    except BaseException:
+        sys.stderr.write(echoed.getvalue())
+        raise
     reran = bench_scale.describe_reruns(bench_scale.parse_update(text), changed)
     return {"seconds": elapsed, "gc_seconds": spent[0], "collections": counts, "changed": changed, "reran": reran}
 
