@@ -119,6 +119,37 @@ def test_a_corrupt_or_foreign_cache_only_means_reading_again(tmp_path, caplog):
     assert said.endswith("1 read again, 0 from the cache") and rows == fresh_read(tmp_path)
 
 
+def test_a_cache_whose_two_files_are_of_different_writes_is_not_used(tmp_path, caplog):
+    """A write killed between the index and the rows leaves them of different generations."""
+    write_scores(tmp_path, "a", "base", [0.1, 0.2])
+    settle()
+    gathered(tmp_path, caplog)
+    older_index = (tmp_path / score_rows.INDEX).read_bytes()
+    write_scores(tmp_path, "a", "base", [0.3])
+    settle()
+    gathered(tmp_path, caplog)
+    (tmp_path / score_rows.INDEX).write_bytes(older_index)
+    rows, _, said = gathered(tmp_path, caplog)
+    assert said == "score rows: 1 files, 1 read again, 0 from the cache" and rows == fresh_read(tmp_path)
+    assert any("two files are of different writes" in r.getMessage() for r in caplog.records)
+
+
+def test_the_index_of_imagenet_21k_s_score_files_can_be_read_back(tmp_path):
+    """504,000 files (21,000 classes x 24 shifts): as JSON in the rows file's metadata their index would
+    be 72 MB, and Parquet cannot read a footer holding 75 MB of metadata."""
+    columns = ["sim_class"]
+    files = {f"scores/class=n{c:08d}/shift=shift_number_{s:02d}/part.parquet":
+             [[4000 + c, 1_700_000_000_000_000_000 + c, 1_700_000_000_000_000_000 + s, 10_000_000 + c * 24 + s],
+              50, "0123456789abcdef"] for c in range(21_000) for s in range(24)}
+    files["scores/class=n00000000/shift=shift_number_00/part.parquet"][0] = None  # a racy one: no signature
+    table = pa.table({score_rows.FILE: pa.array([], pa.string()), "sim_class": pa.array([], pa.float32())})
+    (tmp_path / CACHE.parent).mkdir()
+    score_rows._write(tmp_path, table, files, columns)
+    assert (tmp_path / score_rows.INDEX).stat().st_size < 20_000_000
+    cached, index = score_rows._load(tmp_path, columns)
+    assert cached is not None and index == files
+
+
 def test_a_corrupt_score_file_raises_as_the_view_would(tmp_path):
     write_scores(tmp_path, "a", "base", [0.1])
     settle()

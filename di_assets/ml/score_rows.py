@@ -3,11 +3,14 @@
 At 1,000 classes x 24 shifts the score files are 24,000 small Parquet files: opening each costs far
 more than its rows, so a fresh read of all of them takes most of a minute, while their rows, a few
 columns, fit in one file of a few MB. `gather_score_rows` keeps those columns of every file in one
-Parquet file (`<root>/.scores_db/rows.parquet`) with each file's signature (size, mtime, ctime,
-inode: `os.stat`, no file opened) and row count, and reads again only the files whose signature
-changed, the new ones, and the racy ones (changed within a clock tick of the last gathering: a write
-just after it could keep the signature; `observe.py` says more). An update that rewrote one class's
-24 files reads 24 files, whatever the number of classes.
+Parquet file (`<root>/.scores_db/rows.parquet`), and in a second one (`files.parquet`, a row a file)
+each file's signature (size, mtime, ctime, inode: `os.stat`, no file opened), row count and column
+set. The second is columnar, not JSON in the first one's metadata: at ImageNet-21k's 504,000 files
+that JSON would be 72 MB, and Parquet refuses to read a footer holding 75 MB of metadata (it also
+keeps it base64-encoded in the Arrow schema, past Thrift's 100 MB limit). It reads again only the
+files whose signature changed, the new ones, and the racy ones (changed within a clock tick of the
+last gathering: a write just after it could keep the signature; `observe.py` says more). An update
+that rewrote one class's 24 files reads 24 files, whatever the number of classes.
 
 The cache only saves reads: a missing, unreadable or older-format cache means every file is read
 again (with a warning where it existed), and the rows returned are always those the files hold now.
@@ -35,34 +38,61 @@ from .observe import racy_after
 log = logging.getLogger("di_assets")
 
 CACHE = Path(".scores_db") / "rows.parquet"
+INDEX = Path(".scores_db") / "files.parquet"  # a row per score file: FILE, signature, rows, schema digest
 COUNTED = Path(".scores_db") / "counted.json"  # count_through_view's memo: the files the view last counted right
-FORMAT = 2  # bump when the cached rows change meaning: older caches are then ignored
+FORMAT = 3  # bump when the cached rows change meaning: older caches are then ignored
 FILE = "file"  # the column that names each row's file, relative to the root
 _LAST: dict[tuple, "ScoreRows"] = {}  # the last result per (root, columns), in this process
-INDEX_KEY = b"di_assets.files"  # in the cache's Parquet metadata: {file: [signature or null, rows, schema digest]}
+INDEX_KEY = b"di_assets.cache"  # in both files' Parquet metadata: format, columns, and the pair's generation
+SIGNATURE = ("size", "mtime_ns", "ctime_ns", "inode")  # INDEX's columns of _signature; null where racy
 
 
 def _signature(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _load(path: Path, columns: list[str]):
+def _load(root: Path, columns: list[str]):
     """(cached table, {file: [signature or None, rows, schema digest]}), or (None, {}) where there is
-    no usable cache."""
+    no usable cache (none, unreadable, another format or columns, or the two files of different writes)."""
     import pyarrow.parquet as pq
 
-    if not path.exists():
+    if not (root / CACHE).exists():
         return None, {}
     try:
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[INDEX_KEY])
-        if meta["format"] != FORMAT or meta["columns"] != columns or table.column_names != [FILE, *columns]:
-            raise ValueError(f"written for format {meta['format']} and columns {meta['columns']}")
-        return table, meta["files"]
+        table, index = pq.read_table(root / CACHE), pq.read_table(root / INDEX)
+        meta, index_meta = (json.loads(t.schema.metadata[INDEX_KEY]) for t in (table, index))
+        if meta != index_meta or meta["format"] != FORMAT or meta["columns"] != columns \
+                or table.column_names != [FILE, *columns]:
+            raise ValueError(f"written for format {meta['format']} and columns {meta['columns']}"
+                             if meta == index_meta else "its two files are of different writes")
+        sizes, mtimes, ctimes, inodes = (index.column(c).to_pylist() for c in SIGNATURE)
+        names, rows, schemas = (index.column(c).to_pylist() for c in (FILE, "rows", "schema"))
+        files = {f: [None if size is None else [size, m, c, i], n, schema]
+                 for f, size, m, c, i, n, schema in zip(names, sizes, mtimes, ctimes, inodes, rows, schemas)}
+        return table, files
     except Exception as exc:  # noqa: BLE001 - any unusable cache only means reading every file again
-        log.warning("ignoring the score rows cache %s (%s); reading every score file again", path,
+        log.warning("ignoring the score rows cache %s (%s); reading every score file again", root / CACHE,
                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return None, {}
+
+
+def _write(root: Path, table, files: dict, columns: list[str]) -> None:
+    """The rows and the index of one gathering. The index first, then the rows: a write killed between
+    the two leaves files of different generations, which _load refuses (every file is read again)."""
+    import secrets
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = {INDEX_KEY: json.dumps({"format": FORMAT, "columns": columns, "generation": secrets.token_hex(8)})}
+    sigs = [e[0] or [None] * len(SIGNATURE) for e in files.values()]
+    index = pa.table({FILE: pa.array(list(files), pa.string()),
+                      **{c: pa.array([s[i] for s in sigs], pa.int64()) for i, c in enumerate(SIGNATURE)},
+                      "rows": pa.array([e[1] for e in files.values()], pa.int64()),
+                      "schema": pa.array([e[2] for e in files.values()], pa.string())})
+    for path, t in ((root / INDEX, index), (root / CACHE, table)):
+        with atomic_path(path) as tmp:
+            pq.write_table(t.replace_schema_metadata(meta), tmp)
 
 
 def _read(root: Path, files: list[str], columns: list[str]):
@@ -141,10 +171,8 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | No
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     root = Path(root)
-    cache_path = root / CACHE
     start = time.time_ns()
     key = (str(root.resolve()), tuple(columns))
     last = _LAST.get(key)
@@ -161,7 +189,7 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | No
         log.info("score rows: %d files, unchanged since the last call in this process", len(now))
         last.run = run
         return last  # a second call in this process, nothing changed since
-    cached, index = _load(cache_path, columns)
+    cached, index = _load(root, columns)
     unchanged = [f for f, sig in now.items() if cached is not None and f in index and index[f][0] == sig]
     kept = set(unchanged)
     changed = [f for f in now if f not in kept]
@@ -182,13 +210,12 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | No
     files = {f: [sig if max(sig[1], sig[2]) < racy else None, counts[f], schemas[f]] for f, sig in now.items()}
     try:
         if files != index:  # else the cache on disk holds exactly this already
-            with atomic_path(cache_path) as tmp:
-                meta = {"format": FORMAT, "columns": columns, "files": files}
-                pq.write_table(table.replace_schema_metadata({INDEX_KEY: json.dumps(meta)}), tmp)
+            _write(root, table, files, columns)
         else:  # what a writer killed mid-write left (atomic_path removes it when it writes)
-            sweep_dead_temporaries(cache_path)
+            sweep_dead_temporaries(root / CACHE)
+            sweep_dead_temporaries(root / INDEX)
     except OSError as exc:  # a read-only root still gets its rows, only not kept
-        log.warning("cannot keep the score rows cache %s (%s)", cache_path, exc)
+        log.warning("cannot keep the score rows cache %s (%s)", root / CACHE, exc)
     log.info("score rows: %d files, %d read again, %d from the cache", len(now), len(changed), len(unchanged))
     result = _LAST[key] = ScoreRows(table, files, run)  # a racy file's None never equals its signature
     return result
