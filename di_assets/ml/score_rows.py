@@ -61,10 +61,10 @@ def _load(root: Path, columns: list[str]):
     try:
         table, index = pq.read_table(root / CACHE), pq.read_table(root / INDEX)
         meta, index_meta = (json.loads(t.schema.metadata[INDEX_KEY]) for t in (table, index))
-        if meta != index_meta or meta["format"] != FORMAT or meta["columns"] != columns \
-                or table.column_names != [FILE, *columns]:
-            raise ValueError(f"written for format {meta['format']} and columns {meta['columns']}"
-                             if meta == index_meta else "its two files are of different writes")
+        if meta != index_meta:
+            raise ValueError("its two files are of different writes")
+        if meta["format"] != FORMAT or meta["columns"] != columns or table.column_names != [FILE, *columns]:
+            raise ValueError(f"written for format {meta['format']} and columns {meta['columns']}")
         sizes, mtimes, ctimes, inodes = (index.column(c).to_pylist() for c in SIGNATURE)
         names, rows, schemas = (index.column(c).to_pylist() for c in (FILE, "rows", "schema"))
         files = {f: [None if size is None else [size, m, c, i], n, schema]
