@@ -89,3 +89,85 @@ def test_repeated_tokens_found_across_vector_names(tiny, tmp_path):
         er.create_token_dictionary([torch.zeros(2, 32), torch.zeros(32)], ["<a>", "<a>_1"], ["x", "y"],
                                    tmp_path / "r", model=tiny)
     assert not (tmp_path / "r").exists()
+
+
+def _entries(root: Path) -> dict:
+    """tokens.json's classes by key, without the callers' `source`."""
+    import json
+
+    return {e["key"]: {k: v for k, v in e.items() if k != "source"}
+            for e in json.loads((root / er.TOKENS_FILE).read_text())["classes"]}
+
+
+def test_an_update_that_keeps_classes_reads_no_tokenizer_and_writes_the_same_root(tiny, tmp_path, monkeypatch):
+    """Kept classes pass no vectors; with no class added, removed or re-tokenized, the tokenizer is copied
+    byte for byte (neither it nor the base tokenizer is loaded), and the root equals a full update's."""
+    from transformers import CLIPTokenizer
+
+    g = torch.Generator().manual_seed(3)
+    a, b, c, a2 = torch.randn(32, generator=g), torch.randn(2, 32, generator=g), torch.randn(32, generator=g), \
+        torch.randn(32, generator=g)
+    keys, tokens = ["a", "b", "c"], ["<a>", "<b>", "<c>"]
+    for label in ("full", "kept"):
+        er.update_token_dictionary(tmp_path / label, [a, b, c], tokens, keys, class_keys=keys, model=tiny,
+                                   sources=[["a", 1], ["b", 1], ["c", 1]])
+    tokenizer_before = _files(tmp_path / "kept" / "tokenizer")
+    er.update_token_dictionary(tmp_path / "full", [a2, b, c], tokens, keys, class_keys=keys, model=tiny)
+
+    loads = []
+    real_load, real_base = CLIPTokenizer.from_pretrained.__func__, er._base_tokenizer
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    monkeypatch.setattr(er, "_base_tokenizer", lambda d: loads.append(d) or real_base(d))
+    er.update_token_dictionary(tmp_path / "kept", [a2], ["<a>"], ["a"], class_keys=["a"], model=tiny,
+                               keep=["b", "c"], sources=[["a", 2]])
+    assert loads == []
+    assert _files(tmp_path / "kept" / "tokenizer") == tokenizer_before
+    assert _files(tmp_path / "kept" / "text_encoder") == _files(tmp_path / "full" / "text_encoder")
+    assert _entries(tmp_path / "kept") == _entries(tmp_path / "full")
+    assert {ct.key: ct.source for ct in er.class_tokens(tmp_path / "kept")} == {"a": ["a", 2], "b": ["b", 1],
+                                                                                "c": ["c", 1]}
+    assert er.read_tokens(tmp_path / "kept")["base_vocab"] == len(real_base(tiny.resolved().diffusion))
+
+    # a new class needs the tokenizer: it is loaded, and the kept classes keep their ids
+    d = torch.randn(32, generator=g)
+    er.update_token_dictionary(tmp_path / "kept", [d], ["<d>"], ["d"], class_keys=["d"], model=tiny,
+                               keep=["a", "b", "c"])
+    assert len(loads) == 1
+    after = _entries(tmp_path / "kept")
+    assert {k: after[k] for k in keys} == _entries(tmp_path / "full") and after["d"]["index"] == 3
+
+
+def test_keep_refuses_what_it_cannot_keep(tiny, tmp_path):
+    a = torch.zeros(32)
+    with pytest.raises(ValueError, match="cannot keep classes \\['a'\\] of .*: it holds no root"):
+        er.update_token_dictionary(tmp_path / "r", [], [], [], class_keys=[], model=tiny, keep=["a"])
+    er.update_token_dictionary(tmp_path / "r", [a], ["<a>"], ["a"], class_keys=["a"], model=tiny)
+    with pytest.raises(ValueError, match="cannot keep classes \\['zz'\\]: .* does not hold them"):
+        er.update_token_dictionary(tmp_path / "r", [], [], [], class_keys=[], model=tiny, keep=["a", "zz"])
+    with pytest.raises(ValueError, match="classes \\['a'\\] are both kept and given vectors"):
+        er.update_token_dictionary(tmp_path / "r", [a], ["<a>"], ["a"], class_keys=["a"], model=tiny, keep=["a"])
+    with pytest.raises(ValueError, match="sources must have one entry per class"):
+        er.update_token_dictionary(tmp_path / "r", [a], ["<a>"], ["a"], class_keys=["a"], model=tiny, sources=[])
+
+
+def test_a_root_of_an_older_version_is_updated_with_its_tokenizer_loaded(tiny, tmp_path):
+    """A root without `base_vocab` may hold rows no class owns: the update loads its tokenizer, retires
+    them, and records `base_vocab`."""
+    import json
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    root = er.update_token_dictionary(tmp_path / "r", [a, b], ["<a>", "<b>"], ["a", "b"], class_keys=["a", "b"],
+                                      model=tiny)
+    meta = json.loads((root / er.TOKENS_FILE).read_text())
+    del meta["base_vocab"]
+    meta["classes"] = [e for e in meta["classes"] if e["key"] == "a"]  # b's rows stay in the tokenizer: an orphan
+    (root / er.TOKENS_FILE).write_text(json.dumps(meta))
+    er.update_token_dictionary(root, [a], ["<a>"], ["a"], class_keys=["a"], model=tiny)
+    from transformers import CLIPTokenizer
+
+    base = len(er._base_tokenizer(tiny.resolved().diffusion))
+    vocab = CLIPTokenizer.from_pretrained(root / "tokenizer").get_vocab()
+    assert "<b>" not in vocab and vocab[er.RETIRED.format(base + 1)] == base + 1
+    assert er.read_tokens(root)["base_vocab"] == base

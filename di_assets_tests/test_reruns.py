@@ -103,6 +103,10 @@ def test_a_changed_class_reruns_only_its_own_partitions(world):
     assert after["circle"] == before["circle"] and after["star"] == before["star"]  # byte for byte
     assert after["square"] != before["square"]
     assert world.indices() == indices
+    # the encoder root read square's new token file only: the others are as it last read them
+    run = world.instance.get_latest_materialization_event(dg.AssetKey("encoder_root")).run_id
+    said = [e.user_message for e in world.instance.all_logs(run) if e.user_message.startswith("encoder root: ")]
+    assert said == ["encoder root: 1 token files read, 2 classes as the root held them"]
     assert world.settle() == {}  # and then it is quiet
 
 

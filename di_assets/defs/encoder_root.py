@@ -21,22 +21,33 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
         description="tokenizer/ + text_encoder/ (save_pretrained) + tokens.json with every class token",
     )
     def encoder_root(context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource) -> dg.MaterializeResult:
-        from di_assets.ml.encoder_root import class_tokens, update_token_dictionary
+        from di_assets.ml.encoder_root import class_tokens, root_base_model, update_token_dictionary
         from di_assets.ml.models import portable_base_model
-        from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
+        from di_assets.ml.textual_inversion import load_learned_embeds
 
         classes = storage.classes()
         keys = sorted(k for k in context.instance.get_dynamic_partitions(CLASSES.name) if k in classes)
         if not keys:
             raise ValueError(f"no classes to put in the encoder root; is {storage.dataset} empty?")
-        missing = [k for k in keys if not (storage.token_dir(k) / EMBEDS_FILE).exists()]
+        files = token_files(storage, keys)
+        missing = [k for k in keys if k not in files]
         if missing:
-            raise FileNotFoundError(f"classes {missing} have no learned token yet; materialize class_token for them first")
-        tokens, embeds = zip(*(load_learned_embeds(storage.token_dir(k) / EMBEDS_FILE) for k in keys))
+            raise FileNotFoundError(f"classes {name_list(missing)} have no learned token yet; materialize class_token "
+                                    "for them first")
         spec = models.spec()
-        # Existing classes keep their index and ids; changed tokens replace their rows; new ones append.
-        update_token_dictionary(storage.encoder_root, list(embeds), list(tokens), [classes[k].name for k in keys],
-                                class_keys=keys, model=spec)
+        base = portable_base_model(spec.resolved().diffusion)
+        # A class whose token file is as the root last read it stays as the root holds it: an update of one
+        # class reads one token file, not 1,000. Existing classes keep their index and ids; changed tokens
+        # replace their rows; new ones append.
+        keep = []
+        if root_base_model(storage.encoder_root) == base:
+            held = {ct.key: ct.source for ct in class_tokens(storage.encoder_root)}
+            keep = [k for k in keys if files[k][1] is not None and held.get(k) == files[k][1]]
+        changed = sorted(set(keys) - set(keep))
+        tokens, embeds = zip(*(load_learned_embeds(files[k][0]) for k in changed)) if changed else ((), ())
+        update_token_dictionary(storage.encoder_root, list(embeds), list(tokens), [classes[k].name for k in changed],
+                                class_keys=changed, model=spec, keep=keep, sources=[files[k][1] for k in changed])
+        context.log.info(f"encoder root: {len(changed)} token files read, {len(keep)} classes as the root held them")
         entries = sorted(class_tokens(storage.encoder_root), key=lambda ct: ct.index)
         return dg.MaterializeResult(
             metadata={
@@ -47,10 +58,19 @@ def build_encoder_root(code_version: str) -> dg.AssetsDefinition:
             # What each class's token holds is versioned by its class_token partition; the root's
             # own version is its layout (base model), so updating one class's row does not make
             # every other class's counterfactuals stale.
-            data_version=dg.DataVersion(f"{code_version}:{portable_base_model(spec.resolved().diffusion)}"),
+            data_version=dg.DataVersion(f"{code_version}:{base}"),
         )
 
     return encoder_root
+
+
+def token_files(storage: StorageResource, keys: list[str]) -> dict[str, tuple]:
+    """{class key: (its token file, file_signature or None where racy)} for the classes that have one."""
+    from di_assets.ml.observe import file_signatures
+    from di_assets.ml.textual_inversion import EMBEDS_FILE
+
+    paths = {storage.token_dir(k) / EMBEDS_FILE: k for k in keys}
+    return {paths[path]: (path, sig) for path, sig in file_signatures(paths).items()}
 
 
 def token_table(entries) -> str:
@@ -65,26 +85,29 @@ def token_table(entries) -> str:
 
 def root_check_result(storage: StorageResource, known: list[str]) -> tuple[bool, dict]:
     """ROOT_CHECK from the files: the root's `tokens.json` holds exactly the classes that have a token
-    (of the known classes with a folder, as encoder_root takes them), each with its token file's digest."""
+    (of the known classes with a folder, as encoder_root takes them), each with its token file's digest.
+    A token file whose signature is the one the root recorded when it read it is not read again."""
     from di_assets.ml.encoder_root import class_tokens, embeds_digest
-    from di_assets.ml.textual_inversion import EMBEDS_FILE, load_learned_embeds
+    from di_assets.ml.textual_inversion import load_learned_embeds
 
     on_disk = storage.classes()
+    files = token_files(storage, sorted(k for k in known if k in on_disk))  # no token yet: not in the root either
+    meta = {"path": dg.MetadataValue.path(str(storage.encoder_root)), "classes_with_token": len(files)}
+    try:
+        held = {ct.key: ct for ct in class_tokens(storage.encoder_root)}
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return False, {**meta, **failed_summary(sorted(files), len(files)),
+                       "reason": f"no readable encoder root ({exc.__class__.__name__})"}
     expected, unreadable = {}, []
-    for key in sorted(k for k in known if k in on_disk):
-        path = storage.token_dir(key) / EMBEDS_FILE
-        if not path.is_file():
-            continue  # no token yet: not in the root either (encoder_root waits for it)
+    for key, (path, sig) in files.items():
+        if sig is not None and key in held and held[key].source == sig:
+            expected[key] = held[key].embeds_sha
+            continue
         try:
             expected[key] = embeds_digest(load_learned_embeds(path)[1])
         except Exception:  # noqa: BLE001 - an unreadable token file fails the check, with its class named
             unreadable.append(key)
-    meta = {"path": dg.MetadataValue.path(str(storage.encoder_root)), "classes_with_token": len(expected)}
-    try:
-        held = {ct.key: ct.embeds_sha for ct in class_tokens(storage.encoder_root)}
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        return False, {**meta, **failed_summary(sorted(expected), len(expected)),
-                       "reason": f"no readable encoder root ({exc.__class__.__name__})"}
+    held = {k: ct.embeds_sha for k, ct in held.items()}
     missing = sorted(expected.keys() - held.keys())
     extra = sorted(held.keys() - expected.keys() - set(unreadable))
     stale = sorted(k for k in expected.keys() & held.keys() if held[k] != expected[k])

@@ -20,8 +20,9 @@ import hashlib
 import json
 import logging
 import numbers
+import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +48,7 @@ class ClassToken:
     token: str
     token_ids: tuple[int, ...]
     embeds_sha: str = ""
+    source: object = field(default=None, compare=False)  # what the caller said the vectors came from
 
     @property
     def prompt_text(self) -> str:
@@ -69,16 +71,18 @@ def create_token_dictionary(
     *,
     model: ModelSpec | None = None,
     class_keys: Sequence[str] | None = None,
+    sources: Sequence | None = None,
 ) -> Path:
     """Add every class token to the base tokenizer and text encoder, with a single resize.
 
     `embeds[i]` is a learned embedding (a tensor of shape (dim,) or (num_vectors, dim), or a
     `TextualInversionResult`) for `tokens[i]`; class `i` keeps index `i` in `tokens.json`.
     The root is written to a temporary folder and swapped in, so it is never half-written.
+    `sources`: as for `update_token_dictionary`.
     """
     spec = (model or ModelSpec()).resolved()
     base_tokenizer, base_encoder = load_base_text_encoder(spec)
-    items = _items(embeds, tokens, class_names, class_keys)
+    items = _items(embeds, tokens, class_names, class_keys, sources)
     # The base tokenizer is already loaded: it also tells where the added rows begin (no second load).
     return _assemble(copy_tokenizer(base_tokenizer), copy.deepcopy(base_encoder).cpu(), {}, 0, items, spec,
                      Path(encoder_root), base_vocab=len(base_tokenizer))
@@ -92,6 +96,8 @@ def update_token_dictionary(
     *,
     class_keys: Sequence[str],
     model: ModelSpec | None = None,
+    keep: Sequence[str] = (),
+    sources: Sequence | None = None,
 ) -> Path:
     """Bring an encoder root up to date with these classes, incrementally.
 
@@ -106,11 +112,22 @@ def update_token_dictionary(
     one a removed class left under its name in a root written by an older version, is retired
     the same way. Without an existing root, or with one of another base model, this builds a
     new root.
+
+    `keep` names classes the root holds whose token has not changed: no vectors are passed for them,
+    and their rows, ids and `tokens.json` entry stay as they are (at 1,000 classes a caller then reads
+    and passes only the tokens that changed). `sources` gives, per class passed, what its vectors were
+    read from (any JSON value, such as a token file's signature): `tokens.json` keeps it as the entry's
+    `source`, for the caller to tell next time which classes it may keep. When every class of the root
+    is kept or replaced with the same token and number of vectors, the tokenizer is copied as it is:
+    loading and saving one with 1,000 added tokens was most of such an update.
     """
     spec = (model or ModelSpec()).resolved()
     root = Path(encoder_root)
-    items = _items(embeds, tokens, class_names, class_keys)
+    items = _items(embeds, tokens, class_names, class_keys, sources)
     meta = read_tokens(root) if (root / TOKENS_FILE).exists() else None
+    if keep and (meta is None or portable_base_model(meta.get("base_model")) != portable_base_model(spec.diffusion)):
+        raise ValueError(f"cannot keep classes {sorted(keep)[:10]} of {root}: it holds no root on "
+                         f"{spec.diffusion}; pass their vectors")
     if meta is None and (root / PAPER_TOKENS_FILE).exists():
         raise ValueError(f"{root} is an encoder root in the paper's format; convert it first with "
                          f"export_encoder_root({str(root)!r}, out_dir, format='di-assets'), or choose another folder")
@@ -119,27 +136,42 @@ def update_token_dictionary(
             log.warning("encoder root %s was built on %s; rebuilding it on %s", root, meta.get("base_model"), spec.diffusion)
         order = {e["key"]: e["index"] for e in (meta or {}).get("classes", [])}
         items.sort(key=lambda it: (order.get(it[0], len(order)), it[0]))
-        return create_token_dictionary([m for *_, m in items], [t for _, t, _, _ in items],
-                                       [n for _, _, n, _ in items], root, model=spec,
-                                       class_keys=[k for k, *_ in items])
+        return create_token_dictionary([it[3] for it in items], [it[1] for it in items], [it[2] for it in items],
+                                       root, model=spec, class_keys=[it[0] for it in items],
+                                       sources=[it[4] for it in items])
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
     existing = {e["key"]: e for e in meta["classes"]}
+    unknown = sorted(set(keep) - existing.keys())
+    if unknown:
+        raise ValueError(f"cannot keep classes {unknown[:10]}: {root} does not hold them; pass their vectors")
+    kept = [existing[k] for k in dict.fromkeys(keep)]
+    both = sorted(set(keep) & {k for k, *_ in items})
+    if both:
+        raise ValueError(f"classes {both[:10]} are both kept and given vectors; give each once")
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
     next_index = meta.get("next_index", max((e["index"] for e in meta["classes"]), default=-1) + 1)
-    return _assemble(tokenizer, text_encoder, existing, next_index, items, spec, root)
+    # The tokenizer is unchanged when every class stays, with its token and number of vectors, in a root
+    # that this version wrote (it records `base_vocab`, and its writes leave no row that no class owns).
+    same = (meta.get("base_vocab") is not None and {k for k, *_ in items} | set(keep) == existing.keys()
+            and all(existing[k]["token"] == t and len(existing[k]["token_ids"]) == m.shape[0] for k, t, _, m, _ in items))
+    tokenizer = root / "tokenizer" if same else CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    return _assemble(tokenizer, text_encoder, existing, next_index, items, spec, root, meta.get("base_vocab"), kept)
 
 
-def _items(embeds, tokens, class_names, class_keys) -> list[tuple[str, str, str, torch.Tensor]]:
+def _items(embeds, tokens, class_names, class_keys, sources=None) -> list[tuple[str, str, str, torch.Tensor, object]]:
+    """(key, token, name, vectors, source) per class."""
     if not (len(embeds) == len(tokens) == len(class_names)):
         raise ValueError(
             f"embeds, tokens and class_names must have one entry per class; got {len(embeds)}, {len(tokens)}, {len(class_names)}"
         )
+    if sources is not None and len(sources) != len(embeds):
+        raise ValueError(f"sources must have one entry per class; got {len(sources)} for {len(embeds)} classes")
     keys = list(class_keys) if class_keys is not None else [class_key(n) for n in class_names]
     if len(set(keys)) != len(keys):
         raise ValueError(f"class keys must be unique; got {keys}")
-    return [(k, t, n, _as_matrix(e)) for k, t, n, e in zip(keys, tokens, class_names, embeds)]
+    return [(k, t, n, _as_matrix(e), src) for k, t, n, e, src
+            in zip(keys, tokens, class_names, embeds, sources if sources is not None else [None] * len(keys))]
 
 
 def embeds_digest(matrix: torch.Tensor) -> str:
@@ -158,13 +190,17 @@ def copy_tokenizer(tokenizer):
 
 
 def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, spec, out: Path,
-              base_vocab: int | None = None) -> Path:
-    """`base_vocab`: the base tokenizer's size, where the added rows begin (None: read it from the base model)."""
+              base_vocab: int | None = None, kept: Sequence[dict] = ()) -> Path:
+    """`base_vocab`: the base tokenizer's size, where the added rows begin (None: read it from the base
+    model). `kept`: the entries of classes that stay as they are. `tokenizer` may be the root's own
+    tokenizer folder, when no class is added, removed or given another token or number of vectors."""
     dim = text_encoder.get_input_embeddings().embedding_dim
-    # replaced: (index, key, token, name, vectors, kept ids, names of the extra vectors)
+    # replaced: (index, key, token, name, vectors, source, kept ids, names of the extra vectors)
     replaced, appended = [], []
     owned: dict[int, str] = {}  # every row a class keeps, under the name its prompts expand to
-    for key, tok, name, m in items:
+    for e in kept:
+        owned.update(zip(e["token_ids"], placeholder_tokens(e["token"], len(e["token_ids"]))))
+    for key, tok, name, m, src in items:
         if m.shape[-1] != dim:
             raise ValueError(f"embedding for {tok} has dimension {m.shape[-1]}, but the text encoder expects {dim}")
         if not bool(torch.isfinite(m).all()):
@@ -175,71 +211,83 @@ def _assemble(tokenizer, text_encoder, existing: dict, next_index: int, items, s
             ids, k = list(old["token_ids"]), m.shape[0]
             names = placeholder_tokens(tok, k)
             owned.update(zip(ids[:k], names))  # fewer vectors than before: the surplus rows go out of use
-            replaced.append((old["index"], key, tok, name, m, ids[:k], names[len(ids):]))
+            replaced.append((old["index"], key, tok, name, m, src, ids[:k], names[len(ids):]))
         else:
-            appended.append((key, tok, name, m))
-    # Every other added row (a removed class's, a renamed token's, surplus vectors, or an orphan left
-    # by an older version) is retired, so that its token is free for a class that comes (back) later.
-    tokenizer, retired = _retire_unowned(tokenizer, owned, spec, base_vocab)
-    grown = [n for *_, extra in replaced for n in extra]
-    new_names = grown + [n for _, tok, _, m in appended for n in placeholder_tokens(tok, m.shape[0])]
-    repeated = {t for t, k in Counter(new_names).items() if k > 1}
-    if repeated:
-        raise ValueError(f"tokens must be unique; repeated: {sorted(repeated)}")
-    check_new_tokens(tokenizer, new_names)
-
-    row = len(tokenizer)
-    if new_names:
-        tokenizer.add_tokens(new_names)
-        if tokenizer.convert_tokens_to_ids(new_names) != list(range(row, row + len(new_names))):
-            raise RuntimeError("the tokenizer did not append the new tokens at the end of its vocabulary")
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # one resize for all
+            appended.append((key, tok, name, m, src))
+    if base_vocab is None:
+        base_vocab = len(_base_tokenizer(spec.diffusion))
+    retired = []
+    if not isinstance(tokenizer, Path):
+        # Every other added row (a removed class's, a renamed token's, surplus vectors, or an orphan left
+        # by an older version) is retired, so that its token is free for a class that comes (back) later.
+        tokenizer, retired = _retire_unowned(tokenizer, owned, spec, base_vocab)
+        grown = [n for *_, extra in replaced for n in extra]
+        new_names = grown + [n for _, tok, _, m, _ in appended for n in placeholder_tokens(tok, m.shape[0])]
+        repeated = {t for t, k in Counter(new_names).items() if k > 1}
+        if repeated:
+            raise ValueError(f"tokens must be unique; repeated: {sorted(repeated)}")
+        check_new_tokens(tokenizer, new_names)
+        row = len(tokenizer)
+        if new_names:
+            tokenizer.add_tokens(new_names)
+            if tokenizer.convert_tokens_to_ids(new_names) != list(range(row, row + len(new_names))):
+                raise RuntimeError("the tokenizer did not append the new tokens at the end of its vocabulary")
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # one resize for all
+    else:  # the root's own tokenizer, copied as it is: no row is added
+        if appended or any(extra for *_, extra in replaced):
+            raise RuntimeError("an encoder root update that adds tokens needs the root's tokenizer loaded")
+        row = text_encoder.get_input_embeddings().num_embeddings
     placed = []
-    for index, key, tok, name, m, kept, extra in replaced:
-        placed.append((index, key, tok, name, m, kept + list(range(row, row + len(extra)))))
+    for index, key, tok, name, m, src, ids, extra in replaced:
+        placed.append((index, key, tok, name, m, src, ids + list(range(row, row + len(extra)))))
         row += len(extra)
-    for key, tok, name, m in appended:
-        placed.append((next_index, key, tok, name, m, list(range(row, row + m.shape[0]))))
+    for key, tok, name, m, src in appended:
+        placed.append((next_index, key, tok, name, m, src, list(range(row, row + m.shape[0]))))
         next_index += 1
         row += m.shape[0]
     weight = text_encoder.get_input_embeddings().weight
-    entries = []
+    entries = list(kept)
     with torch.no_grad():
-        for index, key, tok, name, m, ids in sorted(placed, key=lambda p: p[0]):
+        for index, key, tok, name, m, src, ids in placed:
             weight[ids] = m.to(weight.dtype)
             entries.append({"index": index, "key": key, "name": name, "token": tok, "token_ids": list(ids),
-                            "embeds_sha": embeds_digest(m)})
+                            "embeds_sha": embeds_digest(m), **({"source": src} if src is not None else {})})
+    entries.sort(key=lambda e: e["index"])
 
     with atomic_dir(out) as tmp:
         write_root(tmp, tokenizer, text_encoder, family=spec.family, base_model=spec.diffusion,
-                   next_index=next_index, entries=entries)
-    log.info("encoder root %s: %d classes (%d appended, %d replaced, %d rows retired)", out, len(entries),
-             len(appended), len(replaced), len(retired))
+                   next_index=next_index, entries=entries, base_vocab=base_vocab)
+    log.info("encoder root %s: %d classes (%d appended, %d replaced, %d kept, %d rows retired)", out, len(entries),
+             len(appended), len(replaced), len(kept), len(retired))
     return out
 
 
 def write_root(folder: Path, tokenizer, text_encoder, *, family: str, base_model: str, next_index: int,
-               entries: list[dict]) -> None:
-    """Write a di-assets root's files into `folder` (the caller makes it atomic)."""
-    tokenizer.save_pretrained(folder / "tokenizer")
+               entries: list[dict], base_vocab: int | None = None) -> None:
+    """Write a di-assets root's files into `folder` (the caller makes it atomic). `tokenizer` may be a
+    saved tokenizer's folder, copied as it is. `base_vocab`, the base tokenizer's size, tells a later
+    update where the added rows begin without loading the base tokenizer."""
+    if isinstance(tokenizer, Path):
+        shutil.copytree(tokenizer, folder / "tokenizer")
+    else:
+        tokenizer.save_pretrained(folder / "tokenizer")
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     (folder / TOKENS_FILE).write_text(json.dumps({
         "family": family, "base_model": portable_base_model(base_model), "next_index": next_index,
-        "classes": entries,
+        **({"base_vocab": base_vocab} if base_vocab is not None else {}), "classes": entries,
     }, indent=2) + "\n")
 
 
-def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec, base_vocab: int | None = None):
+def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec, base_vocab: int):
     """The tokenizer (every id unchanged) with each added row that no class owns renamed out of use.
 
     `owned` maps the rows that classes keep to their names. Returns the tokenizer and the ids
     newly retired. A tokenizer cannot drop or rename an added token, so when a name changes it
     is rebuilt: the base tokenizer, then every added row in id order, a retired one under a name
     no prompt holds (`RETIRED`). Rows are never removed or reused: no other class's ids move.
-    `base_vocab` is the base tokenizer's size when the caller has it (the base tokenizer is then
-    loaded only if a name changes).
+    `base_vocab` is the base tokenizer's size (the base tokenizer is loaded only if a name changes).
     """
-    first = len(_base_tokenizer(spec.diffusion)) if base_vocab is None else base_vocab
+    first = base_vocab
     ids = list(range(first, len(tokenizer)))
     stray = sorted(i for i in owned if not first <= i < len(tokenizer))
     if stray:
@@ -302,12 +350,21 @@ def _parsed_tokens(marker: str, inode: int, mtime_ns: int) -> dict:
 def _class_index(marker: str, inode: int, mtime_ns: int) -> tuple[tuple[ClassToken, ...], dict]:
     """The root's classes, and a lookup by index, and by key, else name, else token."""
     classes = tuple(ClassToken(e["index"], e["key"], e["name"], e["token"], tuple(e["token_ids"]),
-                               e.get("embeds_sha", "")) for e in _parsed_tokens(marker, inode, mtime_ns)["classes"])
+                               e.get("embeds_sha", ""), e.get("source"))
+                    for e in _parsed_tokens(marker, inode, mtime_ns)["classes"])
     lookup: dict = {}
     for field in ("token", "name", "key"):  # later fields win; within one, the first class wins
         lookup.update({(0, getattr(ct, field)): ct for ct in reversed(classes)})
     lookup.update({(1, ct.index): ct for ct in reversed(classes)})
     return classes, lookup
+
+
+def root_base_model(encoder_root) -> str | None:
+    """The base model a root was built on (its portable name), or None where the folder holds no root."""
+    try:
+        return portable_base_model(_parsed_tokens(*_marker_version(encoder_root)).get("base_model"))
+    except FileNotFoundError:
+        return None
 
 
 def class_tokens(encoder_root) -> list[ClassToken]:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -66,6 +67,25 @@ def racy_after(start_ns: int, coarse: bool) -> int:
     """A file changed at or after this time (ns) may change again unseen by a listing taken at `start_ns`
     (one clock tick before it; `coarse`: the file system keeps whole seconds)."""
     return start_ns - (COARSE_RACY_NS if coarse else RACY_NS)
+
+
+def file_signature(st: os.stat_result) -> list[int]:
+    """What tells a version of a file from another without opening it: size, mtime, ctime, inode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def file_signatures(paths) -> dict:
+    """{path: file_signature, or None where it is racy} for each of `paths` that is a file now."""
+    start, found = time.time_ns(), {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found[path] = file_signature(st)
+    racy = racy_after(start, bool(found) and all(sig[2] % 1_000_000_000 == 0 for sig in found.values()))
+    return {path: sig if max(sig[1], sig[2]) < racy else None for path, sig in found.items()}
 
 
 def _walk(folder: Path, rel: str, h, state: dict) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_path, sweep_dead_temporaries, write_json
-from .observe import racy_after
+from .observe import file_signature, racy_after
 
 log = logging.getLogger("di_assets")
 
@@ -44,11 +44,7 @@ FORMAT = 3  # bump when the cached rows change meaning: older caches are then ig
 FILE = "file"  # the column that names each row's file, relative to the root
 _LAST: dict[tuple, "ScoreRows"] = {}  # the last result per (root, columns), in this process
 INDEX_KEY = b"di_assets.cache"  # in both files' Parquet metadata: format, columns, and the pair's generation
-SIGNATURE = ("size", "mtime_ns", "ctime_ns", "inode")  # INDEX's columns of _signature; null where racy
-
-
-def _signature(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+SIGNATURE = ("size", "mtime_ns", "ctime_ns", "inode")  # INDEX's columns of file_signature; null where racy
 
 
 def _load(root: Path, columns: list[str]):
@@ -182,7 +178,7 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | No
     now = {}  # file -> signature, for the files there now
     for f in list_score_files(root):
         try:
-            now[f] = _signature(os.stat(os.path.join(root, f)))  # not pathlib: 24,000 of them
+            now[f] = file_signature(os.stat(os.path.join(root, f)))  # not pathlib: 24,000 of them
         except FileNotFoundError:  # removed since it was listed: not there now
             continue
     if last is not None and {f: e[0] for f, e in last.files.items()} == now:
