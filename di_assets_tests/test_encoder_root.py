@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from di_assets.ml.encoder_root import class_tokens, create_token_dictionary, resolve_class
+from di_assets.ml.encoder_root import class_tokens, create_token_dictionary, embeds_digest, resolve_class
 from di_assets.ml.imagenet_star import import_imagenet_star
 from di_assets.ml.models import load_base_text_encoder
 
@@ -254,3 +254,42 @@ def test_a_root_moves_to_another_folder(tiny, tmp_path, caplog):
     assert "rebuilding" not in caplog.text
     assert [(ct.key, ct.index) for ct in class_tokens(moved)] == [("m", 0), ("n", 1)]
     assert not [s for s in _flat_strings(json.loads((moved / "tokens.json").read_text())) if Path(s).is_absolute()]
+
+
+def test_the_asset_reads_only_changed_token_files_and_its_check_trusts_the_rest(tiny, tmp_path, monkeypatch):
+    """refresh_root (the encoder_root asset's update) and root_check_result read a token file only when its
+    signature differs from the one the root recorded, or is racy; a rewritten file is read and caught."""
+    import time
+
+    from di_assets.defs import encoder_root as asset
+    from di_assets.defs.resources import StorageResource
+    from di_assets.ml import textual_inversion as ti
+
+    storage = StorageResource(root=str(tmp_path / "store"), dataset=str(tmp_path / "data"))
+    names = {k: k for k in ("a", "b", "c")}
+    g = torch.Generator().manual_seed(0)
+    for k in names:
+        (tmp_path / "data" / k).mkdir(parents=True)
+        ti.save_learned_embeds(storage.token_dir(k) / ti.EMBEDS_FILE, f"<{k}>", torch.randn(1, 32, generator=g))
+    assert asset.refresh_root(storage, names, tiny) == (["a", "b", "c"], [])  # racy or no root yet: all read
+    time.sleep(0.15)  # past the racy window
+    assert asset.refresh_root(storage, names, tiny) == (["a", "b", "c"], [])  # recorded racy: read again
+    time.sleep(0.15)
+
+    read = []
+    real = ti.load_learned_embeds
+    monkeypatch.setattr(ti, "load_learned_embeds", lambda path: read.append(Path(path).parent.name) or real(path))
+    passed, meta = asset.root_check_result(storage, list(names))
+    assert passed and read == [] and meta["classes_with_token"] == 3
+
+    ti.save_learned_embeds(storage.token_dir("b") / ti.EMBEDS_FILE, "<b>", torch.randn(1, 32, generator=g))
+    passed, meta = asset.root_check_result(storage, list(names))
+    assert not passed and meta["stale"] == "b" and read == ["b"]  # racy now: read, and its new digest differs
+    time.sleep(0.15)
+    read.clear()
+    assert asset.refresh_root(storage, names, tiny) == (["b"], ["a", "c"]) and read == ["b"]
+    read.clear()
+    passed, _ = asset.root_check_result(storage, list(names))
+    assert passed and read == []
+    held = {ct.key: ct.embeds_sha for ct in class_tokens(storage.encoder_root)}
+    assert held["b"] == embeds_digest(real(storage.token_dir("b") / ti.EMBEDS_FILE)[1])

@@ -118,8 +118,8 @@ def update_token_dictionary(
     and passes only the tokens that changed). `sources` gives, per class passed, what its vectors were
     read from (any JSON value, such as a token file's signature): `tokens.json` keeps it as the entry's
     `source`, for the caller to tell next time which classes it may keep. When every class of the root
-    is kept or replaced with the same token and number of vectors, the tokenizer is copied as it is:
-    loading and saving one with 1,000 added tokens was most of such an update.
+    is kept or replaced with the same token and number of vectors, the tokenizer is copied as it is
+    (neither it nor the base tokenizer is loaded).
     """
     spec = (model or ModelSpec()).resolved()
     root = Path(encoder_root)
