@@ -246,7 +246,10 @@ def test_a_stored_image_reproduces_in_plain_diffusers(flow):
                  height=cfg["resolution"], width=cfg["resolution"],
                  generator=torch.Generator("cpu").manual_seed(rec["seed"])).images[0]
     stored = Image.open(store / "images/hot_dog_frank/in_the_snow" / rec["file"]).convert("RGB")
-    assert np.array_equal(np.asarray(image), np.asarray(stored))
+    # Equal, or within 1/255 in a few values where the CPU's kernels round a batch of images unlike one
+    # (2 of 12,288 on an Intel Xeon with AMX; none on an AMD EPYC).
+    diff = np.abs(np.asarray(image).astype(int) - np.asarray(stored).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), int((diff > 0).sum()))
 
 
 def test_class_images_records_per_class(flow):
