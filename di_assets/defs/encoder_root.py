@@ -66,8 +66,8 @@ def refresh_root(storage: StorageResource, names: dict[str, str], spec) -> tuple
                                 "for them first")
     keep = []
     if root_base_model(storage.encoder_root) == portable_base_model(spec.resolved().diffusion):
-        held = {ct.key: ct.source for ct in class_tokens(storage.encoder_root)}
-        keep = [k for k in names if files[k][1] is not None and held.get(k) == files[k][1]]
+        held = {ct.key: ct for ct in class_tokens(storage.encoder_root)}
+        keep = [k for k in names if as_the_root_read_it(held.get(k), files[k][1])]
     changed = sorted(names.keys() - set(keep))
     tokens, embeds = zip(*(load_learned_embeds(files[k][0]) for k in changed)) if changed else ((), ())
     update_token_dictionary(storage.encoder_root, list(embeds), list(tokens), [names[k] for k in changed],
@@ -82,6 +82,12 @@ def token_files(storage: StorageResource, keys: list[str]) -> dict[str, tuple]:
 
     paths = {storage.token_dir(k) / EMBEDS_FILE: k for k in keys}
     return {paths[path]: (path, sig) for path, sig in file_signatures(paths).items()}
+
+
+def as_the_root_read_it(held, signature) -> bool:
+    """Whether a token file (its file_signature, None where racy) is the one the root read for the class
+    (its ClassToken `held`, or None): a racy signature never is, since a rewrite could keep it."""
+    return signature is not None and held is not None and held.source == signature
 
 
 def token_table(entries) -> str:
@@ -111,17 +117,17 @@ def root_check_result(storage: StorageResource, known: list[str]) -> tuple[bool,
                        "reason": f"no readable encoder root ({exc.__class__.__name__})"}
     expected, unreadable = {}, []
     for key, (path, sig) in files.items():
-        if sig is not None and key in held and held[key].source == sig:
+        if as_the_root_read_it(held.get(key), sig):
             expected[key] = held[key].embeds_sha
             continue
         try:
             expected[key] = embeds_digest(load_learned_embeds(path)[1])
         except Exception:  # noqa: BLE001 - an unreadable token file fails the check, with its class named
             unreadable.append(key)
-    held = {k: ct.embeds_sha for k, ct in held.items()}
-    missing = sorted(expected.keys() - held.keys())
-    extra = sorted(held.keys() - expected.keys() - set(unreadable))
-    stale = sorted(k for k in expected.keys() & held.keys() if held[k] != expected[k])
+    held_sha = {k: ct.embeds_sha for k, ct in held.items()}
+    missing = sorted(expected.keys() - held_sha.keys())
+    extra = sorted(held_sha.keys() - expected.keys() - set(unreadable))
+    stale = sorted(k for k in expected.keys() & held_sha.keys() if held_sha[k] != expected[k])
     failed = sorted({*missing, *extra, *stale, *unreadable})
     meta.update(classes_in_root=len(held), stale=name_list(stale) or "none", missing=name_list(missing) or "none",
                 extra=name_list(extra) or "none", **failed_summary(failed, len(expected)))

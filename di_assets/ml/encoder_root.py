@@ -125,13 +125,14 @@ def update_token_dictionary(
     root = Path(encoder_root)
     items = _items(embeds, tokens, class_names, class_keys, sources)
     meta = read_tokens(root) if (root / TOKENS_FILE).exists() else None
-    if keep and (meta is None or portable_base_model(meta.get("base_model")) != portable_base_model(spec.diffusion)):
+    rebuild = meta is None or portable_base_model(meta.get("base_model")) != portable_base_model(spec.diffusion)
+    if keep and rebuild:
         raise ValueError(f"cannot keep classes {sorted(keep)[:10]} of {root}: it holds no root on "
                          f"{spec.diffusion}; pass their vectors")
     if meta is None and (root / PAPER_TOKENS_FILE).exists():
         raise ValueError(f"{root} is an encoder root in the paper's format; convert it first with "
                          f"export_encoder_root({str(root)!r}, out_dir, format='di-assets'), or choose another folder")
-    if meta is None or portable_base_model(meta.get("base_model")) != portable_base_model(spec.diffusion):
+    if rebuild:
         if meta is not None:
             log.warning("encoder root %s was built on %s; rebuilding it on %s", root, meta.get("base_model"), spec.diffusion)
         order = {e["key"]: e["index"] for e in (meta or {}).get("classes", [])}
@@ -287,9 +288,8 @@ def _retire_unowned(tokenizer, owned: dict[int, str], spec: ModelSpec, base_voca
     no prompt holds (`RETIRED`). Rows are never removed or reused: no other class's ids move.
     `base_vocab` is the base tokenizer's size (the base tokenizer is loaded only if a name changes).
     """
-    first = base_vocab
-    ids = list(range(first, len(tokenizer)))
-    stray = sorted(i for i in owned if not first <= i < len(tokenizer))
+    ids = list(range(base_vocab, len(tokenizer)))
+    stray = sorted(i for i in owned if not base_vocab <= i < len(tokenizer))
     if stray:
         raise RuntimeError(f"tokens.json names token ids {stray[:10]} that are not added rows of the root's "
                            "tokenizer; rebuild the root")
@@ -353,8 +353,8 @@ def _class_index(marker: str, inode: int, mtime_ns: int) -> tuple[tuple[ClassTok
                                e.get("embeds_sha", ""), e.get("source"))
                     for e in _parsed_tokens(marker, inode, mtime_ns)["classes"])
     lookup: dict = {}
-    for field in ("token", "name", "key"):  # later fields win; within one, the first class wins
-        lookup.update({(0, getattr(ct, field)): ct for ct in reversed(classes)})
+    for attr in ("token", "name", "key"):  # later fields win; within one, the first class wins
+        lookup.update({(0, getattr(ct, attr)): ct for ct in reversed(classes)})
     lookup.update({(1, ct.index): ct for ct in reversed(classes)})
     return classes, lookup
 

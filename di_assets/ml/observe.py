@@ -74,6 +74,13 @@ def file_signature(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def without_racy(signatures: dict, start_ns: int) -> dict:
+    """The file_signatures taken from `start_ns` on, each None where it is racy: changed within a clock tick
+    of it (the file system keeps whole seconds when every ctime is a whole second)."""
+    racy = racy_after(start_ns, bool(signatures) and all(sig[2] % 1_000_000_000 == 0 for sig in signatures.values()))
+    return {key: sig if max(sig[1], sig[2]) < racy else None for key, sig in signatures.items()}
+
+
 def file_signatures(paths) -> dict:
     """{path: file_signature, or None where it is racy} for each of `paths` that is a file now."""
     start, found = time.time_ns(), {}
@@ -84,8 +91,7 @@ def file_signatures(paths) -> dict:
             continue
         if stat.S_ISREG(st.st_mode):
             found[path] = file_signature(st)
-    racy = racy_after(start, bool(found) and all(sig[2] % 1_000_000_000 == 0 for sig in found.values()))
-    return {path: sig if max(sig[1], sig[2]) < racy else None for path, sig in found.items()}
+    return without_racy(found, start)
 
 
 def _walk(folder: Path, rel: str, h, state: dict) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_path, sweep_dead_temporaries, write_json
-from .observe import file_signature, racy_after
+from .observe import file_signature, without_racy
 
 log = logging.getLogger("di_assets")
 
@@ -202,8 +202,8 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | No
     counts = dict.fromkeys(now, 0)
     for f, n in zip(*_value_counts(table.column(FILE))):
         counts[f] = n
-    racy = racy_after(start, all(sig[2] % 1_000_000_000 == 0 for sig in now.values()))
-    files = {f: [sig if max(sig[1], sig[2]) < racy else None, counts[f], schemas[f]] for f, sig in now.items()}
+    stable = without_racy(now, start)
+    files = {f: [stable[f], counts[f], schemas[f]] for f in now}
     try:
         if files != index:  # else the cache on disk holds exactly this already
             _write(root, table, files, columns)
