@@ -218,6 +218,32 @@ def test_the_view_counts_only_the_classes_that_changed(tmp_path):
     assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))["counted"] == 8
 
 
+
+def test_the_views_memo_is_a_row_per_file_and_a_broken_one_means_counting_every_class(tmp_path):
+    import pyarrow.parquet as pq
+
+    from di_assets.ml.score_rows import COUNTED, LEGACY_COUNTED, count_through_view
+
+    for key in ("a", "b", "c"):
+        for shift in ("base", "at_night"):
+            write_scores(tmp_path, key, shift, [0.1, 0.2])
+    settle()
+    (tmp_path / LEGACY_COUNTED).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / LEGACY_COUNTED).write_text('{"view": "old", "files": {}}')  # an older version's memo
+    con = duckdb.connect()
+    scores_view(con, tmp_path)
+    rows = gather_score_rows(tmp_path, COLUMNS)
+    assert count_through_view(con, tmp_path, rows)["counted"] == 6
+    memo = pq.read_table(tmp_path / COUNTED)
+    assert sorted(memo.column("file").to_pylist()) == sorted(rows.files)
+    assert memo.column("rows").to_pylist() == [2] * 6
+    assert memo.column("inode").to_pylist() == [rows.files[f][0][3] for f in memo.column("file").to_pylist()]
+    assert not (tmp_path / LEGACY_COUNTED).exists()
+    assert count_through_view(con, tmp_path, rows)["counted"] == 2  # read back: one class, as always
+    (tmp_path / COUNTED).write_bytes(b"half a memo")
+    assert count_through_view(con, tmp_path, rows) == {"db_rows": 12, "counted": 6, "mismatched": []}
+    assert pq.read_table(tmp_path / COUNTED).num_rows == 6
+
 def test_a_changed_class_is_counted_through_the_views_own_sql_over_its_folder_only(tmp_path):
     from di_assets.ml.score_rows import count_through_view, narrowed_view
 
