@@ -35,18 +35,18 @@ def classes(k: int) -> list[tuple]:
 
 
 def measure(mode: str, k: int, steps: int, device: str, family: str = "tiny", diffusion: str | None = None,
-            **settings) -> dict:
+            dtype: str = "auto", **settings) -> dict:
     """Time K classes trained `mode` ("together" or "separate") in this process: class-steps per second
     over the whole run and over the training steps only. Loads and warms the models first.
 
     `diffusion`: a local diffusers folder (e.g. gpu_check's random-weight SD2, with family "sd",
-    resolution 768, batch_size 1); `settings`: TextualInversionConfig fields."""
+    resolution 768, batch_size 1); `dtype`: ModelSpec.dtype; `settings`: TextualInversionConfig fields."""
     from di_assets.ml.models import ModelSpec
     from di_assets.ml.textual_inversion import (
         TextualInversionConfig, run_textual_inversion, run_textual_inversion_many,
     )
 
-    spec = ModelSpec(family=family, device=device, diffusion=diffusion)
+    spec = ModelSpec(family=family, device=device, diffusion=diffusion, dtype=dtype)
     cfg = TextualInversionConfig.for_family(family, steps=steps, **settings)
     run_textual_inversion(*classes(1)[0][:3], model=spec, config=TextualInversionConfig.for_family(
         family, steps=1, **settings))  # loads the models; warms the kernels

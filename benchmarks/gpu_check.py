@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py               # on CUDA; under 8 minutes on one H200
     python benchmarks/gpu_check.py --dry-run     # the same code at tiny sizes on CPU, in seconds
+    python benchmarks/gpu_check.py --dry-run --dtype bfloat16   # ... in the GPU's precision (bf16 weights)
     python benchmarks/gpu_check.py --compile --channels-last   # with the ModelSpec speed flags
 
 Nothing is downloaded. Stable Diffusion 2 (768-v) is built from the configs below with random
@@ -160,6 +161,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the script, not the GPU")
     ap.add_argument("--compile", action="store_true", help="ModelSpec(compile=True) for the SD2 rows")
     ap.add_argument("--channels-last", action="store_true", help="ModelSpec(channels_last=True) for the SD2 rows")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="ModelSpec.dtype for the SD2 rows (default auto: bf16 on an H200, float32 on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
                     help="the GPU's dense bf16 peak, TFLOP/s (default: H200's %(default)s)")
     args = ap.parse_args()
@@ -205,7 +208,7 @@ def main():
         clip_path = tmp / "clip.safetensors"
         spec = ModelSpec(family="sd", diffusion=str(tmp / "sd2"), clip_model=clip_name,
                          clip_pretrained=str(clip_path), device=device,
-                         compile=args.compile, channels_last=args.channels_last)
+                         compile=args.compile, channels_last=args.channels_last, dtype=args.dtype)
         print(f"  spec: {spec.resolved()}", flush=True)
 
         # textual inversion: steps per second after warm-up, from the progress callback's clock
@@ -240,7 +243,7 @@ def main():
         def multi(k):
             try:
                 r = measure("together", k, p["multi_steps"], device, family="sd", diffusion=str(tmp / "sd2"),
-                            resolution=res_px, batch_size=1)
+                            dtype=args.dtype, resolution=res_px, batch_size=1)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 return "out of memory"

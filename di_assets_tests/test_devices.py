@@ -65,16 +65,17 @@ def test_config_overrides_device_and_dtype_each(machine, device, dtype, bf16, ex
     assert (spec.device, spec.dtype) == expected
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_on_cpu_is_refused(machine, dtype):
+def test_float16_on_cpu_is_refused_and_bfloat16_is_kept(machine):
     from di_assets.ml.models import ModelSpec
 
     machine(cuda=True, bf16=True)
-    with pytest.raises(ValueError, match="not supported on CPU"):
-        ModelSpec(family="sd", device="cpu", dtype=dtype).resolved()
+    with pytest.raises(ValueError, match="float16 is not supported on CPU; use float32, bfloat16 or auto"):
+        ModelSpec(family="sd", device="cpu", dtype="float16").resolved()
     machine()  # no GPU at all: auto resolves to cpu
     with pytest.raises(ValueError, match="not supported on CPU"):
-        ModelSpec(family="sd", dtype=dtype).resolved()
+        ModelSpec(family="sd", dtype="float16").resolved()
+    assert ModelSpec(family="sd", dtype="bfloat16").resolved().dtype == "bfloat16"
+    assert ModelSpec(family="sd").resolved().dtype == "float32"  # auto on CPU stays float32
 
 
 def test_unknown_dtype_is_refused():
@@ -163,6 +164,37 @@ def test_clip_runs_in_half_precision_weights(tiny):
     half = bf16.image_features(images)
     assert half.dtype == torch.float32 and torch.allclose(half, full, atol=5e-2)
 
+
+
+def test_the_gpu_precision_runs_end_to_end_on_cpu_in_bfloat16(tiny, tmp_path):
+    """The path a GPU takes (bf16 weights: a bf16 UNet, VAE, text encoder and CLIP) through the plain
+    API on CPU: gradient steps that lower the loss, a float32 token, an encoder root, images, scores."""
+    import numpy as np
+    import torch
+
+    from di_assets.ml.clip_metric import ClipScorer
+    from di_assets.ml.encoder_root import create_token_dictionary
+    from di_assets.ml.generate import GenerationConfig, generate_samples
+    from di_assets.ml.models import load_diffusion_components
+    from di_assets.ml.textual_inversion import run_textual_inversion
+
+    from .conftest import copy_classes
+
+    bf16 = replace(tiny, dtype="bfloat16")
+    data = copy_classes(tmp_path / "data", ("circle",))
+    unet, vae = load_diffusion_components(bf16.resolved())
+    assert unet.dtype == vae.dtype == torch.bfloat16
+    res = run_textual_inversion(data / "circle", "<circle-bf16>", "circle", model=bf16, steps=30, batch_size=4,
+                                resume=False)
+    assert res.embeds.dtype == torch.float32 and torch.isfinite(res.embeds).all()
+    assert res.final_eval_loss < res.initial_eval_loss
+    root = create_token_dictionary([res.embeds[0]], ["<circle-bf16>"], ["circle"], tmp_path / "root", model=bf16)
+    samples = generate_samples(root, 0, "a photo of a <TOKEN> in the snow", seeds=[0, 1], model=bf16,
+                               config=GenerationConfig.for_family("tiny", num_inference_steps=3, batch_size=2))
+    pixels = [np.asarray(s.image) for s in samples]
+    assert len(pixels) == 2 and pixels[0].std() > 0 and not np.array_equal(pixels[0], pixels[1])
+    scores = ClipScorer(bf16).similarity([s.image for s in samples], ["a photo of a circle", "a photo in the snow"])
+    assert scores.shape == (2, 2) and torch.isfinite(torch.as_tensor(scores)).all()
 
 # ---------------------------------------------------------------- device lists
 

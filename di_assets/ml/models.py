@@ -101,10 +101,11 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """float32 on CPU (fp16 fails there in diffusers); bf16 on CUDA where supported, else fp16."""
+    """auto: float32 on CPU, bf16 on CUDA where supported, else fp16. bf16 may be asked for on CPU (the
+    GPU's precision, checkable there; fast on CPUs with bf16 matrix units); fp16 fails there in diffusers."""
     if dtype != "auto":
-        if dtype in ("float16", "bfloat16") and device == "cpu":
-            raise ValueError(f"dtype {dtype} is not supported on CPU; use float32 or auto")
+        if dtype == "float16" and device == "cpu":
+            raise ValueError(f"dtype {dtype} is not supported on CPU; use float32, bfloat16 or auto")
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
