@@ -101,8 +101,8 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """auto: float32 on CPU, bf16 on CUDA where supported, else fp16. bf16 may be asked for on CPU (the
-    GPU's precision, checkable there; fast on CPUs with bf16 matrix units); fp16 fails there in diffusers."""
+    """auto: float32 on CPU, bf16 on CUDA where supported, else fp16. bf16 may be asked for on CPU, to check
+    the GPU's precision there (it was no faster, even with AMX); fp16 fails on CPU in diffusers."""
     if dtype != "auto":
         if dtype == "float16" and device == "cpu":
             raise ValueError(f"dtype {dtype} is not supported on CPU; use float32, bfloat16 or auto")
