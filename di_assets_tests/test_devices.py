@@ -152,18 +152,14 @@ def test_clip_runs_in_half_precision_weights(tiny):
     from PIL import Image
 
     from di_assets.ml.clip_metric import ClipScorer
-    from di_assets.ml.models import _load_clip
 
     images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "white")]
     scorer = ClipScorer(tiny)
     full = scorer.image_features(images)
-    bf16 = ClipScorer(tiny)
-    bf16.model, _, _ = _load_clip(replace(tiny.resolved(), dtype="bfloat16"))
-    bf16._dtype = torch.bfloat16
+    bf16 = ClipScorer(replace(tiny, dtype="bfloat16"))
     assert bf16.model.visual.conv1.weight.dtype == torch.bfloat16
     half = bf16.image_features(images)
     assert half.dtype == torch.float32 and torch.allclose(half, full, atol=5e-2)
-
 
 
 def test_the_gpu_precision_runs_end_to_end_on_cpu_in_bfloat16(tiny, tmp_path):
@@ -195,6 +191,7 @@ def test_the_gpu_precision_runs_end_to_end_on_cpu_in_bfloat16(tiny, tmp_path):
     assert len(pixels) == 2 and pixels[0].std() > 0 and not np.array_equal(pixels[0], pixels[1])
     scores = ClipScorer(bf16).similarity([s.image for s in samples], ["a photo of a circle", "a photo in the snow"])
     assert scores.shape == (2, 2) and torch.isfinite(torch.as_tensor(scores)).all()
+
 
 # ---------------------------------------------------------------- device lists
 

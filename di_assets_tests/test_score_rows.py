@@ -218,7 +218,6 @@ def test_the_view_counts_only_the_classes_that_changed(tmp_path):
     assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS))["counted"] == 8
 
 
-
 def test_the_views_memo_is_a_row_per_file_and_a_broken_one_means_counting_every_class(tmp_path):
     import pyarrow.parquet as pq
 
