@@ -138,16 +138,22 @@ def test_the_index_of_imagenet_21k_s_score_files_can_be_read_back(tmp_path):
     """504,000 files (21,000 classes x 24 shifts): as JSON in the rows file's metadata their index would
     be 72 MB, and Parquet cannot read a footer holding 75 MB of metadata."""
     columns = ["sim_class"]
-    files = {f"scores/class=n{c:08d}/shift=shift_number_{s:02d}/part.parquet":
-             [[4000 + c, 1_700_000_000_000_000_000 + c, 1_700_000_000_000_000_000 + s, 10_000_000 + c * 24 + s],
-              50, "0123456789abcdef"] for c in range(21_000) for s in range(24)}
-    files["scores/class=n00000000/shift=shift_number_00/part.parquet"][0] = None  # a racy one: no signature
+    files, shifts = [f"scores/class=n{c:08d}/shift=shift_number_{s:02d}/part.parquet"
+                     for c in range(21_000) for s in range(24)], list(range(24)) * 21_000
+    n = len(files)
+    index = pa.table({"file": files, "size": [4000 + i // 24 for i in range(n)],
+                      "mtime_ns": [1_700_000_000_000_000_000 + i // 24 for i in range(n)],
+                      "ctime_ns": [1_700_000_000_000_000_000 + s for s in shifts],
+                      "inode": [10_000_000 + i for i in range(n)], "rows": [50] * n,
+                      "schema": ["0123456789abcdef"] * n}, schema=score_rows._index_schema())
+    for c in score_rows.SIGNATURE:  # a racy file: no signature
+        index = index.set_column(index.schema.get_field_index(c), c, pa.array([None] + index[c].to_pylist()[1:]))
     table = pa.table({score_rows.FILE: pa.array([], pa.string()), "sim_class": pa.array([], pa.float32())})
     (tmp_path / CACHE.parent).mkdir()
-    score_rows._write(tmp_path, table, files, columns)
+    score_rows._write(tmp_path, table, index, columns)
     assert (tmp_path / score_rows.INDEX).stat().st_size < 20_000_000
-    cached, index = score_rows._load(tmp_path, columns)
-    assert cached is not None and index == files
+    cached, read_back = score_rows._load(tmp_path, columns)
+    assert cached is not None and read_back.equals(index) and read_back.num_rows == 504_000
 
 
 def test_a_corrupt_score_file_raises_as_the_view_would(tmp_path):
@@ -168,10 +174,34 @@ def test_the_listing_is_the_views_glob_without_hidden_files(tmp_path):
     (tmp_path / "scores/class=a/shift=at_night/.part.parquet.tmp-1-x").write_bytes(b"half")  # a writer's temporary
     (tmp_path / "scores/class=a/shift=at_night/notes.txt").write_text("not a score file")
     (tmp_path / "scores/class=a/stray.parquet").write_bytes(b"")  # too shallow for the glob
-    globbed = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob(GLOB) if not p.name.startswith("."))
+    (tmp_path / "scores/class=a/shift=base/folder.parquet").mkdir(parents=True)  # not a file
+    globbed = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob(GLOB)
+                     if p.is_file() and not p.name.startswith("."))
     assert list_score_files(tmp_path) == globbed == ["scores/class=a/shift=at_night/part.parquet",
                                                      "scores/class=b/shift=base/part.parquet"]
     assert list_score_files(tmp_path / "nowhere") == []
+    assert gather_score_rows(tmp_path, COLUMNS).rows == dict.fromkeys(globbed, 1)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_the_columnar_racy_rule_is_observes(coarse):
+    """gather_score_rows drops the signatures of racy files as observe.without_racy does, columnar."""
+    from di_assets.ml.observe import COARSE_RACY_NS, without_racy
+
+    start = 1_700_000_000_000_000_000
+    ago = [0, RACY_NS // 2, RACY_NS + 1_000_000_000 * coarse, COARSE_RACY_NS // 2, COARSE_RACY_NS, 3 * COARSE_RACY_NS]
+    signatures = {}
+    for i, back in enumerate(ago):
+        stamp = start - back
+        ctime = stamp - stamp % 1_000_000_000 if coarse else stamp
+        signatures[f"scores/class=c{i}/shift=base/part.parquet"] = [100 + i, stamp - RACY_NS * (i % 2), ctime, 7 + i]
+    fields = list(score_rows._index_schema())[:5]  # FILE and the signature's
+    table = pa.table([list(signatures), *zip(*signatures.values())], schema=pa.schema(fields))
+    got = score_rows._without_racy(table, start)
+    expected = without_racy(signatures, start)
+    assert dict(zip(got.column("file").to_pylist(), [None if r[0] is None else list(r) for r in zip(
+        *(got.column(c).to_pylist() for c in score_rows.SIGNATURE))])) == expected
+    assert 0 < sum(v is None for v in expected.values()) < len(ago)  # both kinds in each case
 
 
 def test_files_of_other_columns_are_told_apart(tmp_path):
@@ -234,11 +264,17 @@ def test_the_views_memo_is_a_row_per_file_and_a_broken_one_means_counting_every_
     rows = gather_score_rows(tmp_path, COLUMNS)
     assert count_through_view(con, tmp_path, rows)["counted"] == 6
     memo = pq.read_table(tmp_path / COUNTED)
-    assert sorted(memo.column("file").to_pylist()) == sorted(rows.files)
+    assert sorted(memo.column("file").to_pylist()) == sorted(rows.rows)
     assert memo.column("rows").to_pylist() == [2] * 6
-    assert memo.column("inode").to_pylist() == [rows.files[f][0][3] for f in memo.column("file").to_pylist()]
+    inodes = dict(zip(rows.index.column("file").to_pylist(), rows.index.column("inode").to_pylist()))
+    assert memo.column("inode").to_pylist() == [inodes[f] for f in memo.column("file").to_pylist()]
     assert not (tmp_path / LEGACY_COUNTED).exists()
     assert count_through_view(con, tmp_path, rows)["counted"] == 2  # read back: one class, as always
+    # a memo of another order (an older version's listing order) is still read; one naming a file twice is not
+    pq.write_table(memo.take(list(range(memo.num_rows))[::-1]), tmp_path / COUNTED)
+    assert count_through_view(con, tmp_path, rows)["counted"] == 2
+    pq.write_table(pa.concat_tables([memo, memo.slice(0, 1)]), tmp_path / COUNTED)
+    assert count_through_view(con, tmp_path, rows)["counted"] == 6
     (tmp_path / COUNTED).write_bytes(b"half a memo")
     assert count_through_view(con, tmp_path, rows) == {"db_rows": 12, "counted": 6, "mismatched": []}
     assert pq.read_table(tmp_path / COUNTED).num_rows == 6

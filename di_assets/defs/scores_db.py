@@ -107,7 +107,7 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
         # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files).
         # Its rows check, in this run, takes the same gathering.
         rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=context.run.run_id)
-        if not rows.files:
+        if not rows.index.num_rows:
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
         if baseline and list_score_files(storage.root, f"{BASELINE_DIR}/scores"):
@@ -176,19 +176,18 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     unreadable, rows = [], None
     try:
         rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=run)
-        listed, file_rows = list(rows.files), sum(rows.rows.values())
+        listed, file_rows = rows.pairs, rows.total_rows
     except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
-        listed, file_rows = list_score_files(storage.root), 0
-    files = {}  # what the view reads (its glob), by partition
-    for f in listed:
-        files.setdefault(pair_of_file(f), []).append(f)
-    missing, extra = sorted(expected - files.keys()), sorted(files.keys() - expected)
-    if rows is None:
+        files = {}  # what the view reads (its glob), by partition
+        for f in list_score_files(storage.root):
+            files.setdefault(pair_of_file(f), []).append(f)
+        listed, file_rows = files.keys(), 0
         for key, paths in files.items():
             try:
                 file_rows += sum(pq.ParquetFile(Path(storage.root) / p).metadata.num_rows for p in paths)
             except Exception:  # noqa: BLE001
                 unreadable.append(key)
+    missing, extra = sorted(expected - listed), sorted(listed - expected)
     meta = {"path": dg.MetadataValue.path(str(storage.scores_db)), "partitions": len(expected),
             "file_rows": file_rows, "missing": name_list(missing) or "none", "extra": name_list(extra) or "none",
             **({"unreadable": name_list(unreadable)} if unreadable else {})}
