@@ -371,8 +371,8 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
     counted, counted_classes = {}, set(stale)
     for c, s, n in con.execute(f"SELECT class, shift, count(*) FROM {source} GROUP BY ALL", params).fetchall():
         counted[f"{c}|{s}"] = n
-        counted_classes.add(c)  # the whole view (source is view) counts every class it holds
-    if source == view:
+        counted_classes.add(c)
+    if source == view:  # the whole view counted every class, those with files and those it holds
         counted_classes.update(classes.to_pylist())
     in_counted = pc.is_in(classes, value_set=pa.array(sorted(counted_classes), pa.string()))
     file_rows = {}  # of the counted classes' pairs
