@@ -183,6 +183,19 @@ def test_the_listing_is_the_views_glob_without_hidden_files(tmp_path):
     assert gather_score_rows(tmp_path, COLUMNS).rows == dict.fromkeys(globbed, 1)
 
 
+def test_the_columnar_hive_names_are_pair_of_files():
+    """count_through_view and the rows check take class, folder and pair from the file column at once."""
+    from di_assets.ml.score_rows import _hive_names, pair_of_file
+
+    files = [f"scores/{c}/{s}/part.parquet" for c, s in [
+        ("class=a", "shift=base"), ("class=class=b", "shift=at_night"), ("plain", "shift=x"),
+        ("class=chien d'été", "no_prefix"), ("class=001", "shift=shift=y"), ("class=", "shift=")]]
+    names = _hive_names(pa.array(files))
+    assert names["pair"].to_pylist() == [pair_of_file(f) for f in files]
+    assert names["class"].to_pylist() == [pair_of_file(f).split("|")[0] for f in files]
+    assert names["folder"].to_pylist() == [f.split("/")[1] for f in files]
+
+
 @pytest.mark.parametrize("coarse", [False, True])
 def test_the_columnar_racy_rule_is_observes(coarse):
     """gather_score_rows drops the signatures of racy files as observe.without_racy does, columnar."""

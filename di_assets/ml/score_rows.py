@@ -23,6 +23,7 @@ whose files changed since it last counted them right (`<root>/.scores_db/counted
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -98,8 +99,6 @@ def _write(root: Path, table, index, columns: list[str]) -> None:
 def _same_as(table, before, columns: list[str]):
     """Per row of `table` (a row per FILE, sorted by FILE): whether `before` (a row per FILE, any order)
     holds its FILE with the same `columns`, none of them null. Columnar: 24,000 files at 1,000 classes."""
-    import functools
-
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -114,16 +113,16 @@ def _same_as(table, before, columns: list[str]):
 
 
 def _hive_names(files) -> dict:
-    """Per file (`<folder>/<class folder>/<shift folder>/<name>`, an Arrow string column): its class
-    `folder`, and the `class` and `pair` (`<class>|<shift>`) its Hive folder names give, as pair_of_file."""
-    import pyarrow as pa
+    """Per file (`scores/<class folder>/<shift folder>/<name>` as _listed gives them, an Arrow string
+    column): its class `folder`, and the `class` and `pair` (`<class>|<shift>`) its Hive folder names
+    give, as pair_of_file. Split, not a regular expression: 7x faster at 24,000 files."""
     import pyarrow.compute as pc
 
-    files = files.combine_chunks() if isinstance(files, pa.ChunkedArray) else files
-    names = pc.extract_regex(files, r"^.*/(?P<folder>(?:class=)?(?P<cls>[^/]*))/(?:shift=)?(?P<shift>[^/]*)/[^/]*$")
-    cls = names.field("cls")
-    return {"folder": names.field("folder"), "class": cls,
-            "pair": pc.binary_join_element_wise(cls, names.field("shift"), "|")}
+    parts = pc.split_pattern(files, "/")
+    folder, shift = pc.list_element(parts, 1), pc.list_element(parts, 2)
+    cls = pc.replace_substring_regex(folder, "^class=", "")
+    return {"folder": folder, "class": cls,
+            "pair": pc.binary_join_element_wise(cls, pc.replace_substring_regex(shift, "^shift=", ""), "|")}
 
 
 def _read(root: Path, files: list[str], columns: list[str]):
@@ -223,10 +222,15 @@ class ScoreRows:
 
         return pc.sum(self.index["rows"]).as_py() or 0
 
+    @functools.cached_property
+    def names(self) -> dict:
+        """_hive_names of the index's files, once: the rows check and count_through_view both need them."""
+        return _hive_names(self.index[FILE])
+
     @property
     def pairs(self) -> set[str]:
         """The class x shift pairs (pair_of_file) that have a file."""
-        return set(_hive_names(self.index[FILE])["pair"].to_pylist())
+        return set(self.names["pair"].to_pylist())
 
     @property
     def uniform_schema(self) -> bool:
@@ -353,7 +357,7 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
             if memo.schema.metadata[VIEW_KEY].decode() == found[0] else None
     except Exception:  # noqa: BLE001 - none, unreadable or another format: every class is counted again
         before = None
-    names = _hive_names(files[FILE])
+    names = rows.names  # in the order of files
     classes = names["class"]
     # a class is stale where a file of it is new, racy (no signature) or not as the view last counted it
     stale = set(pc.unique(classes.filter(pc.invert(_same_as(files, before, [*SIGNATURE, "rows"])))).to_pylist())
