@@ -378,7 +378,7 @@ def count_through_view(con, root: str | os.PathLike, rows: ScoreRows, view: str 
         counted_classes.add(c)
     if source == view:  # the whole view counted every class, those with files and those it holds
         counted_classes.update(classes.to_pylist())
-    in_counted = pc.is_in(classes, value_set=pa.array(sorted(counted_classes), pa.string()))
+    in_counted = pc.is_in(classes, value_set=pa.array(list(counted_classes), pa.string()))  # a NULL class too
     file_rows = {}  # of the counted classes' pairs
     for p, n in zip(names["pair"].filter(in_counted).to_pylist(), files["rows"].filter(in_counted).to_pylist()):
         file_rows[p] = file_rows.get(p, 0) + n
