@@ -180,6 +180,10 @@ def test_the_listing_is_the_views_glob_without_hidden_files(tmp_path):
     assert list_score_files(tmp_path) == globbed == ["scores/class=a/shift=at_night/part.parquet",
                                                      "scores/class=b/shift=base/part.parquet"]
     assert list_score_files(tmp_path / "nowhere") == []
+    assert score_rows.has_score_files(tmp_path) and not score_rows.has_score_files(tmp_path / "nowhere")
+    only_not_files = tmp_path / "other"
+    (only_not_files / "scores/class=a/shift=base/folder.parquet").mkdir(parents=True)
+    assert not score_rows.has_score_files(only_not_files)  # a folder named *.parquet is no score file
     assert gather_score_rows(tmp_path, COLUMNS).rows == dict.fromkeys(globbed, 1)
 
 

@@ -101,7 +101,7 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 
         from di_assets.ml.diagnosis import use_storage_root
         from di_assets.ml.report import score_chart
-        from di_assets.ml.score_rows import gather_score_rows, list_score_files
+        from di_assets.ml.score_rows import gather_score_rows, has_score_files
 
         # The rows the record's numbers and chart use, of every score file: gather_score_rows reads again
         # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files).
@@ -110,7 +110,7 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
         if not rows.index.num_rows:
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
-        if baseline and list_score_files(storage.root, f"{BASELINE_DIR}/scores"):
+        if baseline and has_score_files(storage.root, f"{BASELINE_DIR}/scores"):
             chosen.update(BASELINE_VIEWS)
         globs = {"glob": SCORES_GLOB, "baseline_glob": BASELINE_SCORES_GLOB,  # no absolute path in the file
                  "unify": "" if rows.uniform_schema else UNIFY}

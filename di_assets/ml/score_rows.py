@@ -170,6 +170,11 @@ def list_score_files(root: str | os.PathLike, folder: str = "scores") -> list[st
     return sorted(f for f, path in _walk(root, folder) if os.path.isfile(path))
 
 
+def has_score_files(root: str | os.PathLike, folder: str = "scores") -> bool:
+    """Whether list_score_files would list a file: the walk stops at the first one."""
+    return any(os.path.isfile(path) for _, path in _walk(root, folder))
+
+
 def _listed(root: Path):
     """list_score_files's files with their file_signature (os.stat, no file opened): FILE and SIGNATURE's
     columns, sorted by FILE."""
