@@ -301,6 +301,7 @@ class UI:
                             "the Materialize button")
 
     DIALOG = "//*[@role='dialog']"
+    PICKER_OPEN = "//input[@placeholder='Filter partitions']"  # the partition picker's filter, shown while it is open
 
     def dismiss_newsletter(self) -> None:
         """Dagster's own "Join the Dagster community" dialog covers the page on a new instance: Skip it."""
@@ -320,13 +321,16 @@ class UI:
 
     def pick_partition(self, key: str) -> None:
         """Open the first empty partition picker of the launch dialog and tick `key`."""
-        self.click(f"{self.DIALOG}//*[normalize-space(text())='Select a partition or create one']",
-                   "a partition picker")
+        picker = f"{self.DIALOG}//*[normalize-space(text())='Select a partition or create one']"
+        self.click(picker, "a partition picker")
         option = f"//input[@type='checkbox']/following::span[normalize-space(text())='{key}']"
         def tick() -> bool:  # found and clicked in one go: the list re-renders while partitions load
             found = self.visible(option)
             if found:
                 found[-1].click()  # a stale element raises, and `wait` looks again
+            elif not self.visible(self.PICKER_OPEN):  # the dialog re-rendered and closed the picker: open it again
+                for closed in self.visible(picker)[:1]:
+                    closed.click()
             return bool(found)
 
         self.wait(tick, 30, f"partition {key!r} is not in the picker")
@@ -334,7 +338,7 @@ class UI:
         from selenium.webdriver.common.keys import Keys
 
         ActionChains(self.d).send_keys(Keys.ESCAPE).perform()  # closes the picker, not the dialog
-        self.wait(lambda: not self.visible("//input[@placeholder='Filter partitions']"), 10, "the picker stayed open")
+        self.wait(lambda: not self.visible(self.PICKER_OPEN), 10, "the picker stayed open")
 
     def launch(self, label: str) -> str:
         """Click the dialog's launch button; return the page that the "View" link of the toast opens."""
