@@ -81,9 +81,12 @@ def _one_at_a_time(command):
     def locked(args) -> int:
         from di_assets.defs.instance import storage_lock
 
-        settings = _settings(args)  # bad settings fail before anything is written
-        with storage_lock(Path(settings.storage)):
-            return command(args)
+        from di_assets.ml.observe import shared_listings
+
+        with shared_listings():  # the preflight's listing of each class folder serves the observation
+            settings = _settings(args)  # bad settings fail before anything is written
+            with storage_lock(Path(settings.storage)):
+                return command(args)
 
     return locked
 
@@ -240,14 +243,23 @@ def _preflight(settings) -> None:
 
     check_model_files(ModelResource(**settings.models).spec())
     _check_classifier_files(settings)
-    _check_class_folders(settings.dataset)
+    _check_class_folders(settings.dataset, settings.storage)
 
 
-def _check_class_folders(dataset: str) -> None:
+def _check_class_folders(dataset: str, storage: str | None = None) -> None:
     """Each class folder and its files can be read, and it holds an image (the first one that opens:
     cheap next to the content hash that the observation computes of a changed folder). An empty or
-    unreadable folder would otherwise fail a stage later, under a page of Dagster's stack."""
+    unreadable folder would otherwise fail a stage later, under a page of Dagster's stack.
+
+    A folder is not walked again where its listing is the one the observation memo of `storage`
+    recorded (the same files, byte for byte and mode for mode) and the observation then read and
+    decoded every top-level file as an image, skipping none. So an update walks only new and changed
+    folders (at ImageNet-1k, 1,000 folders of 1,300 images each), and the listing serves the
+    observation too (shared_listings)."""
     from di_assets.ml.classes import discover_classes
+    from di_assets.ml.observe import ObservationMemo
+
+    memo = ObservationMemo(storage) if storage else None
 
     def refused(exc: OSError):
         if isinstance(exc, PermissionError):
@@ -257,6 +269,9 @@ def _check_class_folders(dataset: str) -> None:
         raise exc
 
     for c in discover_classes(dataset):
+        known = memo.unchanged(c.key, c.path) if memo is not None else None
+        if known is not None and known["images"] and not known["skipped"]:
+            continue  # each of its images decoded when the observation read them; none was skipped
         has_image = False
         for root, dirs, files in os.walk(c.path, onerror=refused):
             dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden entries are not hashed

@@ -322,6 +322,53 @@ def test_an_unlistable_class_folder_gives_the_one_line_error(tmp_path, monkeypat
         observe.ObservationMemo(tmp_path / "store").describe("cls", folder)
 
 
+def test_the_preflight_walks_only_changed_folders_and_hands_its_listings_to_the_observation(tmp_path, monkeypatch):
+    """`run` and `update` check the class folders before they start (cli's preflight). A folder whose
+    listing the memo recorded, every top-level file an image, is not walked again, and within
+    shared_listings the observation takes the preflight's listing instead of listing it again."""
+    from di_assets import cli
+
+    data, store = tmp_path / "data", tmp_path / "store"
+    keys = make_classes(data, 3)
+    (data / keys[2] / "notes.txt").write_text("not an image")  # skipped by the observation: walked each time
+    age()
+    memo = observe.ObservationMemo(store)
+    for k in keys:
+        memo.describe(k, data / k)
+    memo.save()
+    walked, listed = [], []
+    real_walk, real_listing_walk = os.walk, observe._walk
+    monkeypatch.setattr(os, "walk", lambda top, **kw: walked.append(Path(top).name) or real_walk(top, **kw))
+    monkeypatch.setattr(observe, "_walk", lambda folder, rel, h, state: (
+        listed.append(Path(folder).name) if not rel else None, real_listing_walk(folder, rel, h, state))[1])
+
+    def preflight_then_observe():
+        walked.clear(), listed.clear()
+        with observe.shared_listings():
+            cli._check_class_folders(str(data), str(store))
+            after = observe.ObservationMemo(store)
+            changed = [k for k in keys if after.describe(k, data / k)[1]]
+            after.save()
+        return sorted(walked), sorted(listed), changed
+
+    assert preflight_then_observe() == ([keys[2]], keys, [])  # each folder listed once, by the preflight
+    Image.new("RGB", (8, 8), "blue").save(data / keys[0] / "new.png")
+    age()
+    assert preflight_then_observe() == ([keys[0], keys[2]], keys, [keys[0]])
+    # without a memo (or outside the storage the memo is kept in) every folder is walked, as before
+    walked.clear()
+    cli._check_class_folders(str(data))
+    assert sorted(walked) == keys
+    assert observe._HANDED is None  # nothing handed outside shared_listings
+    # an emptied folder is found: its listing changed, so it is walked
+    for f in (data / keys[1]).iterdir():
+        f.unlink()
+    (data / keys[1] / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=rf"class folder {data / keys[1]} has no readable images"):
+        with observe.shared_listings():
+            cli._check_class_folders(str(data), str(store))
+
+
 def test_a_tick_reads_the_class_keys_once_and_requests_what_it_did_before(tmp_path, monkeypatch):
     """Dagster's evaluate_automation_conditions asks the instance for every class key once per partition
     subset it stores in its cursor (hundreds of queries a tick); the driver's tick reads them once."""
