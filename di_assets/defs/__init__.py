@@ -33,6 +33,7 @@ from .versions import classifier_version, code_versions
 
 GC_ENV = "DI_ASSETS_GC_THRESHOLD"
 GC_THRESHOLD = (50_000, 10, 10)  # Python's default is (700, 10, 10)
+_FROZEN = False  # whether this process froze its objects (once: see collect_less_often)
 
 
 def collect_less_often() -> None:
@@ -41,11 +42,16 @@ def collect_less_often() -> None:
     and the models loaded, 0.2-0.35 s each, 4-6 of them in one `di-assets update` of one class (1.3-1.9
     s of 7-10 s, more with more classes). Our objects are freed by reference counting; cycles are few
     and small. So the youngest generation holds 50,000 objects before a collection, which makes every
-    collection about 70 times rarer. `$DI_ASSETS_GC_THRESHOLD` (three integers, as gc.set_threshold
-    takes them: `700,10,10` is Python's default) overrides it."""
+    collection about 70 times rarer. And the objects that exist when a process first loads the
+    definitions (Dagster's and ours: modules, classes, functions, kept for the process's life) are
+    frozen once (gc.freeze): a full collection skips them. That halves the collector's time in an
+    update (0.5 s to 0.27 s) and saves its one full collection; cycles already garbage then are kept,
+    once. `$DI_ASSETS_GC_THRESHOLD` (three integers, as gc.set_threshold takes them: `700,10,10` is
+    Python's default) overrides the thresholds and leaves the objects unfrozen."""
     import gc
     import os
 
+    global _FROZEN
     value = os.environ.get(GC_ENV, "").strip()
     try:
         threshold = tuple(int(v) for v in value.split(",")) if value else GC_THRESHOLD
@@ -55,6 +61,9 @@ def collect_less_often() -> None:
         raise ValueError(f"{GC_ENV}={value!r}: give three integers, as gc.set_threshold takes them "
                          "(e.g. 700,10,10)") from None
     gc.set_threshold(*threshold)
+    if not value and not _FROZEN:
+        gc.freeze()
+        _FROZEN = True
 
 
 def build_resources(settings: Settings) -> dict:
