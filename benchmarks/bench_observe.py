@@ -13,8 +13,13 @@ as the schedule and `di-assets update` run it) four times:
                  (what each observation cost before the memo, less its N observations)
 
 and prints one row per N: seconds per run, with the folders hashed and the observations logged.
-Each time includes Dagster's own cost of a run in process (a second or so); the last column,
-"memo only", times the memo's part of an unchanged observation alone (memo read, N listings).
+Each time includes Dagster's own cost of a run in process (a second or so); the column "memo
+only" times the memo's part of an unchanged observation alone (memo read, N listings). The last two
+add what `di-assets run` and `update` do first, the preflight's check of the class folders
+(cli._check_class_folders): "before", it walked every folder (every file's permissions, an image
+opened per class) and the observation then listed each folder again; now it walks only the folders
+the memo does not vouch for and hands its listings to the observation (observe.shared_listings);
+three runs of each, interleaved, the median.
 The old observation hashed every folder and logged every class's observation and check each
 time: about the cost of "first".
 """
@@ -92,7 +97,27 @@ def bench(n: int, per_class: int) -> dict:
             memo = observe.ObservationMemo(tmp / "store")
             hashed = sum(memo.describe(k, f)[1] for k, f in folders.items())
             rows["memo only"] = (time.perf_counter() - t, len(memo.described), hashed)
+            runs = {"preflight + memo, before": [], "preflight + memo": []}
+            for _ in range(3):  # interleaved, the median of each
+                for label, got in runs.items():
+                    got.append(preflight_then_memo(tmp / "data", tmp / "store", folders, label == "preflight + memo"))
+            rows.update({label: sorted(got)[1] for label, got in runs.items()})
         return rows
+
+
+def preflight_then_memo(data: Path, store: Path, folders: dict, shared: bool) -> tuple[float, int, int]:
+    """What `di-assets run` and `update` do with the class folders before their stages: the preflight
+    (cli._check_class_folders), then the memo's part of the observation. `shared`: as they do now (the
+    preflight walks only folders the memo does not vouch for, and hands its listings on); else as
+    before (the preflight walks every folder and the observation lists each again)."""
+    from di_assets.cli import _check_class_folders
+
+    t = time.perf_counter()
+    with observe.shared_listings():
+        _check_class_folders(str(data), str(store) if shared else None)
+        memo = observe.ObservationMemo(store)
+        hashed = sum(memo.describe(k, f)[1] for k, f in folders.items())
+    return time.perf_counter() - t, len(memo.described), hashed
 
 
 def main():
@@ -104,9 +129,10 @@ def main():
     cols = list(next(iter(results.values())))
     print(f"\nobserve_class_images, {args.images} images per class: seconds (folders hashed / observations logged)")
     print("(memo only: seconds (folders hashed / listings changed))")
-    print(f"{'classes':>8}" + "".join(f"{c:>22}" for c in cols))
+    widths = [max(22, len(c) + 2) for c in cols]
+    print(f"{'classes':>8}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths)))
     for n, rows in results.items():
-        print(f"{n:>8}" + "".join(f"{f'{s:.2f} ({h} / {o})':>22}" for s, h, o in rows.values()))
+        print(f"{n:>8}" + "".join(f"{f'{s:.2f} ({h} / {o})':>{w}}" for (s, h, o), w in zip(rows.values(), widths)))
 
 
 if __name__ == "__main__":

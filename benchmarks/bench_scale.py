@@ -56,7 +56,8 @@ this process (DI_ASSETS_EXECUTOR is ignored: stand-ins do not reach other proces
 --images tiny PNGs each, in a temporary folder (or --keep DIR, kept for inspection). The Dagster
 instance is the command line's own (`<storage>/.dagster`, SQLite; $DAGSTER_HOME is ignored), or with
 --postgres one new database per configuration on a PostgreSQL server that the benchmark starts and stops
-(as di_assets_tests/test_postgres.py does; its DAGSTER_HOME holds the README's dagster.yaml snippet).
+(as di_assets_tests/test_postgres.py does; its DAGSTER_HOME holds the README's dagster.yaml snippet);
+stderr then also gives the database's size after VACUUM FULL at the end (its live rows).
 
 A throwaway 2 classes x 1 shift runs first (--no-warmup skips it), so that the first configuration
 is not charged for the process's imports and model loads. Progress goes to stderr, with a line of
@@ -654,6 +655,10 @@ def measure(n: int, k: int, grain: str, args, base: Path, row: dict) -> dict | N
             print_profile(profiler, args.profile_update, f"update, {changed} changed")
     row["update_one_did"], row["update_one"] = describe_reruns(parse_update(text), changed), elapsed
     say(f"update, {changed} changed: {row['update_one']:.1f}s, reran {row['update_one_did']}")
+    if POSTGRES.get("db"):  # last: compacting the tables first would speed the updates up
+        row["live"] = POSTGRES["server"].database_size(POSTGRES["db"], compact=True)
+        say(f"database after VACUUM FULL (live rows, after the updates): {row['live'] / 1e6:.2f} MB; the "
+            "difference between two class counts, per added pair, is what a pair's live rows weigh")
     return row
 
 

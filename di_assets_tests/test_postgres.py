@@ -128,6 +128,20 @@ class Server:
 
         return psycopg2.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, password=self.password, dbname=db)
 
+    def database_size(self, db: str, compact: bool = False) -> int:
+        """pg_database_size of `db`; `compact`: after VACUUM FULL, so its live rows only, without the
+        space that updated rows leave until autovacuum reuses it (the benchmarks compare both)."""
+        conn = self.connect(db)
+        try:
+            conn.autocommit = True  # VACUUM runs outside a transaction
+            with conn.cursor() as cur:
+                if compact:
+                    cur.execute("VACUUM FULL")
+                cur.execute("SELECT pg_database_size(current_database())")
+                return cur.fetchone()[0]
+        finally:
+            conn.close()
+
     def create_database(self, name: str) -> None:
         conn = self.connect()
         try:
