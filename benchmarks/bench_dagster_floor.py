@@ -16,8 +16,8 @@ instance's growth from the first to the second class count, per added pair:
   events/pair      event log rows added per pair.
 
 With --storage postgres it starts a PostgreSQL server as the tests do (Debian's `postgresql` package;
-di_assets_tests/test_postgres.py) and gives each configuration a new database, with the README's
-dagster.yaml snippet. Compare with `bench_scale.py --postgres --classes 10,20 --grain class_shift`,
+di_assets_tests/test_postgres.py) and gives each configuration a new database, set up as the README
+says (the project's dagster.yaml with its Postgres snippet). Compare with `bench_scale.py --postgres --classes 10,20 --grain class_shift`,
 which measures the same growth with the flow's own records.
 """
 
@@ -90,13 +90,9 @@ class Postgres:
     def instance(self, home: Path):
         import dagster as dg
 
-        from di_assets_tests.test_postgres import readme_snippet
-
         self.made += 1
         self.db = f"floor{self.made}"
-        self.server.create_database(self.db)
-        (home / "dagster.yaml").write_text(readme_snippet() + "\ntelemetry:\n  enabled: false\n")
-        os.environ.update({"DAGSTER_HOME": str(home), **self.server.env(self.db)})
+        os.environ.update(self.server.dagster_home(home, self.db))  # the README's set-up
         return dg.DagsterInstance.get()
 
     def size(self, live: bool = False) -> int:
@@ -117,6 +113,7 @@ class Sqlite:
         import dagster as dg
 
         self.home = home
+        home.mkdir(parents=True)
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         return dg.DagsterInstance.from_config(str(home))
 
@@ -180,7 +177,6 @@ def main() -> int:
         for storage in storages:
             for variant in variants:
                 home = work / f"{storage}-{variant}"
-                home.mkdir()
                 store = postgres if storage == "postgres" else Sqlite()
                 print(f"{storage}, checks {variant}: {counts[0]} then {counts[1]} classes x {args.shifts} shifts",
                       file=sys.stderr, flush=True)

@@ -332,17 +332,9 @@ POSTGRES = {}  # with --postgres: "server", the running test server (di_assets_t
 def use_postgres(work: Path, label: str) -> str:
     """A new database on the server and a DAGSTER_HOME whose instance lives in it, as the README's
     Postgres section says (the project's dagster.yaml plus its snippet); set in this process."""
-    from di_assets_tests.test_postgres import ROOT as PROJECT, readme_snippet
-
-    server = POSTGRES["server"]
     POSTGRES["made"] = POSTGRES.get("made", 0) + 1  # the warm-up's configuration may repeat a label
     db = f"bench{POSTGRES['made']}_" + re.sub(r"[^a-z0-9_]", "_", label.lower())[:40]
-    server.create_database(db)
-    home = work / "home"
-    home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text() + "\n" + readme_snippet()
-                                       + "\ntelemetry:\n  enabled: false\n")
-    os.environ.update({"DAGSTER_HOME": str(home), **server.env(db)})
+    os.environ.update(POSTGRES["server"].dagster_home(work / "home", db))
     return db
 
 

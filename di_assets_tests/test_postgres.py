@@ -151,6 +151,15 @@ class Server:
         finally:
             conn.close()
 
+    def dagster_home(self, home: Path, db: str) -> dict[str, str]:
+        """A new database `db` and in `home` (made) the dagster.yaml the README's Postgres section gives:
+        the project's dagster.yaml (the gpu pool) with the snippet added. The environment that opens it."""
+        self.create_database(db)
+        home.mkdir(parents=True)
+        (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + "\n" + readme_snippet()
+                                           + "\ntelemetry:\n  enabled: false\n")
+        return {"DAGSTER_HOME": str(home), **self.env(db)}
+
     def env(self, db: str) -> dict[str, str]:
         """The variables the README's dagster.yaml snippet reads."""
         return {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_DB": db,
@@ -180,15 +189,10 @@ def readme_snippet() -> str:
 def pg_home(postgres_server, tmp_path, monkeypatch, request):
     """A DAGSTER_HOME whose instance lives in a new database of the server, set in this process too."""
     db = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
-    postgres_server.create_database(db)
-    home = tmp_path / "home"
-    home.mkdir()
     snippet = readme_snippet()
     assert "storage:\n  postgres:\n    postgres_db:" in snippet, snippet
-    # as the README says: the project's dagster.yaml (the gpu pool) with the snippet added
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text() + "\n" + snippet
-                                       + "\ntelemetry:\n  enabled: false\n")
-    env = {"DAGSTER_HOME": str(home), **postgres_server.env(db)}
+    home = tmp_path / "home"
+    env = postgres_server.dagster_home(home, db)  # as the README says
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return home, db, env

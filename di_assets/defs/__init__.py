@@ -33,7 +33,6 @@ from .versions import classifier_version, code_versions
 
 GC_ENV = "DI_ASSETS_GC_THRESHOLD"
 GC_THRESHOLD = (50_000, 10, 10)  # Python's default is (700, 10, 10)
-_FROZEN = False  # whether this process froze its objects (once: see collect_less_often)
 
 
 def collect_less_often() -> None:
@@ -51,7 +50,6 @@ def collect_less_often() -> None:
     import gc
     import os
 
-    global _FROZEN
     value = os.environ.get(GC_ENV, "").strip()
     try:
         threshold = tuple(int(v) for v in value.split(",")) if value else GC_THRESHOLD
@@ -61,9 +59,8 @@ def collect_less_often() -> None:
         raise ValueError(f"{GC_ENV}={value!r}: give three integers, as gc.set_threshold takes them "
                          "(e.g. 700,10,10)") from None
     gc.set_threshold(*threshold)
-    if not value and not _FROZEN:
+    if not value and not gc.get_freeze_count():  # once: a second load finds them frozen
         gc.freeze()
-        _FROZEN = True
 
 
 def build_resources(settings: Settings) -> dict:
