@@ -144,16 +144,32 @@ def test_the_index_of_imagenet_21k_s_score_files_can_be_read_back(tmp_path):
     index = pa.table({"file": files, "size": [4000 + i // 24 for i in range(n)],
                       "mtime_ns": [1_700_000_000_000_000_000 + i // 24 for i in range(n)],
                       "ctime_ns": [1_700_000_000_000_000_000 + s for s in shifts],
-                      "inode": [10_000_000 + i for i in range(n)], "rows": [50] * n,
+                      "inode": [10_000_000 + i for i in range(n)], "rows": [1] * n,
                       "schema": ["0123456789abcdef"] * n}, schema=score_rows._index_schema())
     for c in score_rows.SIGNATURE:  # a racy file: no signature
         index = index.set_column(index.schema.get_field_index(c), c, pa.array([None] + index[c].to_pylist()[1:]))
-    table = pa.table({score_rows.FILE: pa.array([], pa.string()), "sim_class": pa.array([], pa.float32())})
+    table = pa.table({score_rows.FILE_ID: pa.array(range(n), pa.int32()),
+                      "sim_class": pa.array([0.25] * n, pa.float32())})  # a row a file
     (tmp_path / CACHE.parent).mkdir()
     score_rows._write(tmp_path, table, index, columns)
     assert (tmp_path / score_rows.INDEX).stat().st_size < 20_000_000
     cached, read_back = score_rows._load(tmp_path, columns)
     assert cached is not None and read_back.equals(index) and read_back.num_rows == 504_000
+    assert cached.equals(table)
+
+
+def test_cached_rows_that_do_not_match_their_index_are_not_used(tmp_path, caplog):
+    """Rows that name no file of the index, or fewer rows than the index counts, are read again."""
+    for key in ("a", "b"):
+        write_scores(tmp_path, key, "base", [0.1, 0.2])
+    settle()
+    gathered(tmp_path, caplog)
+    for break_it in (lambda t: t.slice(1), lambda t: t.set_column(0, score_rows.FILE_ID, pa.array([0, 0, 1, 2]))):
+        cached = pq.read_table(tmp_path / CACHE)
+        pq.write_table(break_it(cached).replace_schema_metadata(cached.schema.metadata), tmp_path / CACHE)
+        rows, _, said = gathered(tmp_path, caplog)
+        assert said == "score rows: 2 files, 2 read again, 0 from the cache" and rows == fresh_read(tmp_path)
+        assert any("do not match its index" in r.getMessage() for r in caplog.records)
 
 
 def test_a_corrupt_score_file_raises_as_the_view_would(tmp_path):

@@ -4,8 +4,10 @@ At 1,000 classes x 24 shifts the score files are 24,000 small Parquet files: ope
 more than its rows, so a fresh read of all of them takes most of a minute, while their rows, a few
 columns, fit in one file of a few MB. `gather_score_rows` keeps those columns of every file in one
 Parquet file (`<root>/.scores_db/rows.parquet`), and in a second one (`files.parquet`, a row a file)
-each file's signature (size, mtime, ctime, inode: `os.stat`, no file opened), row count and column
-set. The second is columnar, not JSON in the first one's metadata: at ImageNet-21k's 504,000 files
+each file's path, signature (size, mtime, ctime, inode: `os.stat`, no file opened), row count and
+column set. A row names its file by its position in the second (FILE_ID, 4 bytes), not by its path:
+the paths were two thirds of the rows' bytes, and reading and writing them most of an update's cost
+of the cache at 1,000 classes. The second is columnar, not JSON in the first one's metadata: at ImageNet-21k's 504,000 files
 that JSON would be 72 MB, and Parquet refuses to read a footer holding 75 MB of metadata (it also
 keeps it base64-encoded in the Arrow schema, past Thrift's 100 MB limit). It reads again only the
 files whose signature changed, the new ones, and the racy ones (changed within a clock tick of the
@@ -46,8 +48,9 @@ INDEX = Path(".scores_db") / "files.parquet"  # a row per score file: FILE, sign
 COUNTED = Path(".scores_db") / "counted.parquet"
 LEGACY_COUNTED = Path(".scores_db") / "counted.json"  # the memo of older versions, removed when the new one is written
 VIEW_KEY = b"di_assets.view"
-FORMAT = 3  # bump when the cached rows change meaning: older caches are then ignored
+FORMAT = 4  # bump when the cached rows change meaning: older caches are then ignored
 FILE = "file"  # the column that names each row's file, relative to the root
+FILE_ID = "file_id"  # the rows' column that names each row's file: its position in the index
 _LAST: dict[tuple, "ScoreRows"] = {}  # the last result per (root, columns), in this process
 INDEX_KEY = b"di_assets.cache"  # in both files' Parquet metadata: format, columns, and the pair's generation
 SIGNATURE = ("size", "mtime_ns", "ctime_ns", "inode")  # INDEX's columns of file_signature; null where racy
@@ -63,20 +66,28 @@ def _index_schema():
 
 
 def _load(root: Path, columns: list[str]):
-    """(cached rows, index: a row per file, _index_schema()), or (None, None) where there is no usable
-    cache (none, unreadable, another format or columns, or the two files of different writes)."""
+    """(cached rows: FILE_ID and `columns`, index: a row per file, _index_schema()), or (None, None) where
+    there is no usable cache (none, unreadable, another format or columns, the two files of different
+    writes, or rows that do not match the index's counts)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if not (root / CACHE).exists():
         return None, None
     try:
-        table, index = pq.read_table(root / CACHE), pq.read_table(root / INDEX)
+        # text columns as Arrow dictionaries, as Parquet keeps them: decoded only for the rows kept (_decoded)
+        table, index = pq.read_table(root / CACHE, read_dictionary=columns), pq.read_table(root / INDEX)
         meta, index_meta = (json.loads(t.schema.metadata[INDEX_KEY]) for t in (table, index))
         if meta != index_meta:
             raise ValueError("its two files are of different writes")
-        if meta["format"] != FORMAT or meta["columns"] != columns or table.column_names != [FILE, *columns]:
+        if meta["format"] != FORMAT or meta["columns"] != columns or table.column_names != [FILE_ID, *columns]:
             raise ValueError(f"written for format {meta['format']} and columns {meta['columns']}")
-        return table, index.select(_index_schema().names).cast(_index_schema())
+        index = index.select(_index_schema().names).cast(_index_schema())
+        ids = table[FILE_ID]
+        if (pc.sum(index["rows"]).as_py() or 0) != table.num_rows or ids.null_count or \
+                (table.num_rows and not 0 <= pc.min(ids).as_py() <= pc.max(ids).as_py() < index.num_rows):
+            raise ValueError("its rows do not match its index")
+        return table, index
     except Exception as exc:  # noqa: BLE001 - any unusable cache only means reading every file again
         log.warning("ignoring the score rows cache %s (%s); reading every score file again", root / CACHE,
                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
@@ -90,10 +101,26 @@ def _write(root: Path, table, index, columns: list[str]) -> None:
 
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     meta = {INDEX_KEY: json.dumps({"format": FORMAT, "columns": columns, "generation": secrets.token_hex(8)})}
-    for path, t in ((root / INDEX, index), (root / CACHE, table)):
+    # Dictionary pages only for the columns whose values repeat (the rows' text and FILE_ID, the index's
+    # schema digests): Parquet's default tries them on every column, and hashing values that turn out
+    # unique (2.4 million scores, 24,000 paths) was a third of the rows' write and most of the index's.
+    repeated = [f.name for f in table.schema if f.name == FILE_ID or pa.types.is_string(f.type)]
+    for path, t, dictionary in ((root / INDEX, index, ["schema"]), (root / CACHE, table, repeated)):
         with atomic_path(path) as tmp:
-            pq.write_table(t.replace_schema_metadata(meta), tmp)
+            pq.write_table(t.replace_schema_metadata(meta), tmp, use_dictionary=dictionary)
+
+
+def _decoded(table):
+    """`table` with its dictionary columns (as _load reads text) as plain arrays of their values."""
+    import pyarrow as pa
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table[f.name].cast(f.type.value_type))
+    return table
 
 
 def _same_as(table, before, columns: list[str]):
@@ -210,8 +237,9 @@ def _without_racy(signed, start_ns: int):
 @dataclass
 class ScoreRows:
     """What gather_score_rows returns: `table` (FILE and the columns asked for, every row of every
-    score file) and `index` (a row per file, sorted by FILE: FILE, SIGNATURE's columns, null where the
-    file is racy, its `rows` and its column set's digest `schema`)."""
+    score file, and FILE_ID, the position of the row's file in `index`) and `index` (a row per file,
+    sorted by FILE: FILE, SIGNATURE's columns, null where the file is racy, its `rows` and its column
+    set's digest `schema`)."""
 
     table: object
     index: object
@@ -247,8 +275,8 @@ class ScoreRows:
 
 
 def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | None = None) -> ScoreRows:
-    """`columns` of every row of the score files under `root` (`list_score_files`), with FILE naming
-    each row's file relative to `root`. Reads only the files that changed since the last call (see
+    """`columns` of every row of the score files under `root` (`list_score_files`), with FILE_ID naming
+    each row's file (its position in the result's index). Reads only the files that changed since the last call (see
     the module's text), then keeps the result for the next call.
 
     `run` names the caller's unit of work (a Dagster run): a call for the same `run` as the last call in
@@ -279,18 +307,22 @@ def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | No
     unchanged, changed = now[FILE].filter(same), now[FILE].filter(pc.invert(same)).to_pylist()
     parts, entries = [], []
     if len(unchanged):
-        parts.append(cached.filter(pc.is_in(cached[FILE], value_set=unchanged)))
-        entries.append(index.filter(pc.is_in(index[FILE], value_set=unchanged)).select([FILE, "rows", "schema"]))
+        # the cached rows of unchanged files, their FILE_ID moved from the old index's positions to now's
+        kept = pc.is_in(index[FILE], value_set=unchanged)
+        rows = _decoded(cached.filter(pc.take(kept, cached[FILE_ID])))
+        moved = pc.take(pc.index_in(index[FILE], value_set=now[FILE]).cast(pa.int32()), rows[FILE_ID])
+        parts.append(rows.set_column(0, FILE_ID, moved))
+        entries.append(index.filter(kept).select([FILE, "rows", "schema"]))
     if changed:
         table, schemas = _read(root, changed, columns)
-        parts.append(table)
+        parts.append(table.set_column(0, FILE_ID, pc.index_in(table[FILE], value_set=now[FILE]).cast(pa.int32())))
         counts = dict.fromkeys(changed, 0)
         counts.update(zip(*_value_counts(table[FILE])))
         entries.append(pa.table([pa.array(changed, pa.string()), pa.array([counts[f] for f in changed], pa.int64()),
                                  pa.array([schemas[f] for f in changed], pa.string())], names=[FILE, "rows", "schema"]))
     if not parts:
-        return ScoreRows(pa.table({FILE: pa.array([], pa.string())}), _index_schema().empty_table())
-    table = pa.concat_tables(parts, promote_options="permissive").select([FILE, *columns])
+        return ScoreRows(pa.table({FILE_ID: pa.array([], pa.int32())}), _index_schema().empty_table())
+    table = pa.concat_tables(parts, promote_options="permissive").select([FILE_ID, *columns])
     known = pa.concat_tables(entries).sort_by(FILE)  # now's files, in now's order
     signed = _without_racy(now, start)
     files = signed.append_column("rows", known["rows"]).append_column("schema", known["schema"])
