@@ -261,3 +261,33 @@ def test_module_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_score_chart_boxes_are_the_ones_matplotlib_would_compute_from_every_score():
+    """The box plots of the score chart come from quartiles and whiskers computed in SQL (BOX_SQL), not
+    from every score handed to Python: they equal matplotlib's boxplot_stats of the same scores, with
+    outliers past the whiskers, and a side with no value within reach (its whisker at the quartile)."""
+    import pyarrow as pa
+    from matplotlib import cbook
+
+    rng = np.random.default_rng(3)
+    spread = rng.normal(0.2, 0.1, 501).astype(np.float32)
+    spread[:4] = [3.0, -3.0, 0.9, -0.7]  # outliers on both sides
+    lopsided = np.array([0.0, 0.0, 0.0, 10.0], np.float32)  # q3 = 2.5: 10 is out of reach, 0 is below q3
+    scores = {"in_the_snow": (spread, rng.uniform(-1, 1, 501).astype(np.float32)),
+              "at_night": (lopsided, -lopsided)}
+    table = pa.concat_tables(pa.table({"shift": [k] * len(c), "sim_class": c, "sim_shift": s, "kept": c > 0.1})
+                             for k, (c, s) in scores.items())
+    con = duckdb.connect()
+    con.register("scores", table)
+    rows = {r["shift"]: r for r in report._rows(con, report.BOX_SQL)}
+    assert rows.keys() == scores.keys()
+    for shift, (c, s) in scores.items():
+        assert rows[shift]["kept"] == pytest.approx(float(np.mean(c > 0.1)))
+        for name, values in (("c", c), ("s", s)):
+            expected = cbook.boxplot_stats(values.astype(np.float64))[0]
+            got = report.box_stats(rows[shift], name)
+            assert got == pytest.approx({k: float(expected[k]) for k in got}, abs=1e-12), (shift, name)
+    assert report.box_stats(rows["at_night"], "c")["whishi"] == pytest.approx(2.5)  # at q3, not at 10 or 0
+    png = report.score_chart(con, ["in_the_snow", "at_night"])
+    assert Image.open(BytesIO(png)).size[0] > 600

@@ -201,13 +201,39 @@ def accuracy_chart(con, classifier: str, shifts_order: list[str] | None = None) 
     return _png_bytes(fig)
 
 
+# Per shift, the numbers matplotlib's boxplot draws (cbook.boxplot_stats, whis=1.5) for sim_class (`c`)
+# and sim_shift (`s`): quartiles (linear interpolation, as numpy's percentile), and the most extreme
+# value within 1.5 IQR of the box on each side. Computed where the rows are: at ImageNet-1k's 1.2
+# million images, handing every score to Python as a list took 0.3 s and growing.
+BOX_SQL = """
+    WITH q AS (
+        SELECT shift, avg(kept::INTEGER) AS kept,
+               quantile_cont(sim_class::DOUBLE, [0.25, 0.5, 0.75]) AS c,
+               quantile_cont(sim_shift::DOUBLE, [0.25, 0.5, 0.75]) AS s
+        FROM scores GROUP BY shift)
+    SELECT q.shift, any_value(q.kept) AS kept, any_value(q.c) AS c, any_value(q.s) AS s,
+           min(x.sim_class::DOUBLE) FILTER (WHERE x.sim_class::DOUBLE >= q.c[1] - 1.5 * (q.c[3] - q.c[1])) AS c_lo,
+           max(x.sim_class::DOUBLE) FILTER (WHERE x.sim_class::DOUBLE <= q.c[3] + 1.5 * (q.c[3] - q.c[1])) AS c_hi,
+           min(x.sim_shift::DOUBLE) FILTER (WHERE x.sim_shift::DOUBLE >= q.s[1] - 1.5 * (q.s[3] - q.s[1])) AS s_lo,
+           max(x.sim_shift::DOUBLE) FILTER (WHERE x.sim_shift::DOUBLE <= q.s[3] + 1.5 * (q.s[3] - q.s[1])) AS s_hi
+    FROM q JOIN scores x ON x.shift = q.shift GROUP BY q.shift"""
+
+
+def box_stats(row: dict, name: str) -> dict:
+    """BOX_SQL's numbers for `name` (c or s) as matplotlib's bxp takes them; a whisker never reaches
+    inside the box (boxplot_stats: no value within reach on a side puts the whisker at the quartile)."""
+    q1, med, q3 = row[name]
+    lo, hi = row[f"{name}_lo"], row[f"{name}_hi"]
+    return {"q1": q1, "med": med, "q3": q3, "whislo": q1 if lo is None or lo > q1 else lo,
+            "whishi": q3 if hi is None or hi < q3 else hi}
+
+
 def score_chart(con, shifts_order: list[str] | None = None) -> bytes:
     """PNG: per shift, the distribution of sim_class and sim_shift over every image (box plots), and
     the share the CLIP filter kept (bars), from the `scores` view."""
     from matplotlib.figure import Figure
 
-    rows = _rows(con, "SELECT shift, list(sim_class) AS sc, list(sim_shift) AS ss, avg(kept::INTEGER) AS kept "
-                      "FROM scores GROUP BY shift")
+    rows = _rows(con, BOX_SQL)
     if not rows:
         return _empty_chart("no scores yet")
     by_shift = {r["shift"]: r for r in rows}
@@ -216,10 +242,10 @@ def score_chart(con, shifts_order: list[str] | None = None) -> bytes:
     fig = Figure(figsize=(max(6.5, 2.0 + 0.45 * n), 6.4), dpi=DPI)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
     xs = list(range(n))
-    for values, dx, colour, label in (("sc", -0.18, "#ff7f0e", "sim_class: image vs 'a photo of a <class>'"),
-                                      ("ss", 0.18, C_OK, "sim_shift: image vs the shift caption")):
-        box = top.boxplot([by_shift[s][values] for s in order], positions=[x + dx for x in xs], widths=0.32,
-                          patch_artist=True, showfliers=False, manage_ticks=False)
+    for name, dx, colour, label in (("c", -0.18, "#ff7f0e", "sim_class: image vs 'a photo of a <class>'"),
+                                    ("s", 0.18, C_OK, "sim_shift: image vs the shift caption")):
+        box = top.bxp([box_stats(by_shift[s], name) for s in order], positions=[x + dx for x in xs], widths=0.32,
+                      patch_artist=True, showfliers=False, manage_ticks=False)
         for patch in box["boxes"]:
             patch.set(facecolor=colour, alpha=0.55, edgecolor=colour)
         for part in ("medians", "whiskers", "caps"):
