@@ -7,12 +7,13 @@ Parquet file (`<root>/.scores_db/rows.parquet`), and in a second one (`files.par
 each file's path, signature (size, mtime, ctime, inode: `os.stat`, no file opened), row count and
 column set. A row names its file by its position in the second (FILE_ID, 4 bytes), not by its path:
 the paths were two thirds of the rows' bytes, and reading and writing them most of an update's cost
-of the cache at 1,000 classes. The second is columnar, not JSON in the first one's metadata: at ImageNet-21k's 504,000 files
-that JSON would be 72 MB, and Parquet refuses to read a footer holding 75 MB of metadata (it also
-keeps it base64-encoded in the Arrow schema, past Thrift's 100 MB limit). It reads again only the
-files whose signature changed, the new ones, and the racy ones (changed within a clock tick of the
-last gathering: a write just after it could keep the signature; `observe.py` says more). An update
-that rewrote one class's 24 files reads 24 files, whatever the number of classes.
+of the cache at 1,000 classes. The second is columnar, not JSON in the first one's metadata: at
+ImageNet-21k's 504,000 files that JSON would be 72 MB, and Parquet refuses to read a footer holding
+75 MB of metadata (it also keeps it base64-encoded in the Arrow schema, past Thrift's 100 MB limit).
+It reads again only the files whose signature changed, the new ones, and the racy ones (changed
+within a clock tick of the last gathering: a write just after it could keep the signature;
+`observe.py` says more). An update that rewrote one class's 24 files reads 24 files, whatever the
+number of classes.
 
 The cache only saves reads: a missing, unreadable or older-format cache means every file is read
 again (with a warning where it existed), and the rows returned are always those the files hold now.
@@ -99,9 +100,8 @@ def _write(root: Path, table, index, columns: list[str]) -> None:
     the two leaves files of different generations, which _load refuses (every file is read again)."""
     import secrets
 
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     meta = {INDEX_KEY: json.dumps({"format": FORMAT, "columns": columns, "generation": secrets.token_hex(8)})}
     # Dictionary pages only for the columns whose values repeat (the rows' text and FILE_ID, the index's
@@ -236,10 +236,9 @@ def _without_racy(signed, start_ns: int):
 
 @dataclass
 class ScoreRows:
-    """What gather_score_rows returns: `table` (FILE and the columns asked for, every row of every
-    score file, and FILE_ID, the position of the row's file in `index`) and `index` (a row per file,
-    sorted by FILE: FILE, SIGNATURE's columns, null where the file is racy, its `rows` and its column
-    set's digest `schema`)."""
+    """What gather_score_rows returns: `table` (every row of every score file: FILE_ID, the position of
+    its file in `index`, and the columns asked for) and `index` (a row per file, sorted by FILE: FILE,
+    SIGNATURE's columns, null where the file is racy, its `rows` and its column set's digest `schema`)."""
 
     table: object
     index: object
@@ -276,8 +275,8 @@ class ScoreRows:
 
 def gather_score_rows(root: str | os.PathLike, columns: list[str], run: str | None = None) -> ScoreRows:
     """`columns` of every row of the score files under `root` (`list_score_files`), with FILE_ID naming
-    each row's file (its position in the result's index). Reads only the files that changed since the last call (see
-    the module's text), then keeps the result for the next call.
+    each row's file (its position in the result's index). Reads only the files that changed since the
+    last call (see the module's text), then keeps the result for the next call.
 
     `run` names the caller's unit of work (a Dagster run): a call for the same `run` as the last call in
     this process returns that call's result without looking at the files again. scores_db and its rows
