@@ -84,16 +84,13 @@ def observe(instance, keys: list[str], version: str) -> None:
 
 
 def measure(n: int, rounds: int, work: Path) -> dict:
-    import dagster as dg
+    from bench_dagster_floor import Sqlite, class_keys
 
     from di_assets.defs.driver import LocalDriver
 
-    home = work / f"n{n}"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    instance = dg.DagsterInstance.from_config(str(home))
+    instance = Sqlite().instance(work / f"n{n}")  # a new SQLite instance, as the storage floor's
     driver = LocalDriver(bare_definitions(), instance, run_config=QUIET)
-    keys = [f"class_{i:05d}" for i in range(n)]
+    keys = class_keys(n)
     instance.add_dynamic_partitions("classes", keys)
     observe(instance, keys, "0")
     start = time.perf_counter()  # as `di-assets run`: every asset, upstream first, in runs of whole ranges
