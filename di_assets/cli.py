@@ -181,7 +181,8 @@ def cmd_run(args) -> int:
     print(f"  tokens        {storage / 'tokens'}/<class>/learned_embeds.safetensors")
     print(f"  encoder root  {storage / 'encoder_root'}")
     print(f"  images        {storage / 'images'}/<class>/<shift>/<seed>.png")
-    print(f"  scores        {storage / 'scores'}/class=<c>/shift=<s>/part.parquet")
+    print(f"  scores        {storage / 'scores'}/class=<c>/" + ("part.parquet" if settings.partition_grain == "class"
+                                                                   else "shift=<s>/part.parquet"))
     print(f"  DuckDB        {storage / 'scores.duckdb'} (views: scores, mean_scores, dropped"
           + (", predictions, accuracy, shift_failures, class_failures, real_vs_base)" if classifiers else ")"))
     print(f"  picture       {_write_contact_sheet(storage, classes, shifts)} (first image of each class and shift)")
@@ -391,7 +392,8 @@ def cmd_update(args) -> int:
 VIEW_DATA = ("scores", "baseline/scores", "predictions", "real_predictions")
 # The views' globs, relative to the storage root (those of defs.scores_db and ml.diagnosis.views): a query
 # may name these patterns exactly; what they match lies in VIEW_DATA under the root the database is in.
-VIEW_GLOBS = ("scores/*/*/*.parquet", "baseline/scores/*/*/*.parquet", "predictions/*/*/*/*.parquet",
+VIEW_GLOBS = ("scores/*/*/*.parquet", "scores/*/*.parquet",  # a file per class x shift, or per class (the class grain)
+              "baseline/scores/*/*/*.parquet", "baseline/scores/*/*.parquet", "predictions/*/*/*/*.parquet",
               "real_predictions/*/*/*.parquet")
 QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # SELECT includes DESCRIBE, SUMMARIZE, SHOW, FROM ..., VALUES
 

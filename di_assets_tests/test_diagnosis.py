@@ -69,8 +69,10 @@ def test_evaluate_images_with_the_embedded_judge():
                for r in t)
 
 
-def test_evaluate_a_storage_root(tmp_path):
-    """A storage root laid out as the flow writes it: manifests, and scores that drop one image."""
+@pytest.mark.parametrize("grain", ["class_shift", "class"])
+def test_evaluate_a_storage_root(tmp_path, grain):
+    """A storage root laid out as the flow writes it: manifests, and scores that drop one image (in a
+    file of the pair, or at the class grain in the class's file of every shift)."""
     import json
 
     import pyarrow as pa
@@ -84,10 +86,15 @@ def test_evaluate_a_storage_root(tmp_path):
             im.save(folder / f"{seed}.png")
             records.append({"seed": seed, "file": f"{seed}.png"})
         (folder / "manifest.json").write_text(json.dumps({"images": records}))
-        scores = root / "scores" / f"class={cls}" / "shift=at_night" / "part.parquet"
+        table = pa.table({"shift": ["at_night"] * 3, "seed": [0, 1, 2], "kept": [True, False, True],
+                          "drop_reason": [None, "zero-shot: square", None]})
+        scores = root / "scores" / f"class={cls}" / ("shift=at_night/part.parquet" if grain == "class_shift"
+                                                    else "part.parquet")
         scores.parent.mkdir(parents=True)
-        pq.write_table(pa.table({"seed": [0, 1, 2], "kept": [True, False, True],
-                                 "drop_reason": [None, "zero-shot: square", None]}), scores)
+        if grain == "class":  # another shift's verdicts in the same file, of the same seeds
+            table = pa.concat_tables([pa.table({"shift": ["base"] * 3, "seed": [0, 1, 2], "kept": [False] * 3,
+                                                "drop_reason": ["blank"] * 3}), table])
+        pq.write_table(table, scores)
     t = evaluate({"name": "judge", "kind": "reference", "model": "judge", "device": "cpu"}, root).to_pylist()
     assert [(r["class_key"], r["shift"], r["seed"]) for r in t] == [
         (c, "at_night", s) for c in ("circle", "star") for s in range(3)]

@@ -77,7 +77,7 @@ def scores_root(tmp_path) -> Path:
     """A storage root with one score file and the real `scores` views over it."""
     import duckdb
 
-    from di_assets.defs.scores_db import VIEWS
+    from di_assets.defs.scores_db import HIVE, VIEWS
 
     root = tmp_path / "store"
     part = root / "scores" / "class=circle" / "shift=base"
@@ -88,7 +88,7 @@ def scores_root(tmp_path) -> Path:
                 f"NULL::VARCHAR AS drop_reason) TO '{part / 'part.parquet'}' (FORMAT parquet)")
     glob = str(root / "scores" / "*" / "*" / "*.parquet")
     for name, sql in VIEWS.items():
-        con.execute(f"CREATE VIEW {name} AS {sql.format(glob=glob, unify='')}")
+        con.execute(f"CREATE VIEW {name} AS {sql.format(glob=glob, hive=HIVE['class_shift'], unify='')}")
     con.close()
     (tmp_path / "secret.csv").write_text("secret\nSECRET-VALUE-7f1c\n")  # a value no temporary path can contain
     import shutil

@@ -226,9 +226,10 @@ def test_an_older_absolute_image_path_still_resolves(tmp_path):
 def test_the_query_sandbox_allows_exactly_the_views_globs():
     """`di-assets query` allows the views' relative globs by name (VIEW_GLOBS) and the folders they match."""
     from di_assets.cli import VIEW_DATA, VIEW_GLOBS
-    from di_assets.defs.scores_db import BASELINE_SCORES_GLOB, SCORES_GLOB
     from di_assets.ml.diagnosis import PREDICTIONS_GLOB, REAL_PREDICTIONS_GLOB
+    from di_assets.ml.score_rows import GLOBS, score_glob
 
-    globs = {SCORES_GLOB, BASELINE_SCORES_GLOB, PREDICTIONS_GLOB, REAL_PREDICTIONS_GLOB}
+    globs = {*(score_glob(g, f) for f in ("scores", "baseline/scores") for g in GLOBS),  # both grains
+             PREDICTIONS_GLOB, REAL_PREDICTIONS_GLOB}
     assert set(VIEW_GLOBS) == globs and all(not Path(g).is_absolute() for g in globs)
     assert {g.split("/*")[0] for g in globs} == set(VIEW_DATA)

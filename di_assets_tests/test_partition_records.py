@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -125,18 +126,18 @@ def test_each_score_partition_carries_its_own_numbers(ranged):
     assert len({round(m.metadata["mean_sim_class"].value, 6) for m in records.values()}) == len(records)
     for key, m in records.items():
         class_key = key.split("|")[0]
-        shifts = [key.split("|")[1]] if "|" in key else SHIFTS
-        table = pq.read_table(Path(settings.storage) / "scores" / f"class={class_key}" / f"shift={shifts[0]}"
-                              / "part.parquet") if len(shifts) == 1 else None
-        sims = []
-        for s in shifts:
-            t = pq.read_table(Path(settings.storage) / "scores" / f"class={class_key}" / f"shift={s}" / "part.parquet")
-            sims += t.column("sim_class").to_pylist()
-        assert m.metadata["dagster/row_count"].value == len(sims) == N * len(shifts)
+        folder = Path(settings.storage) / "scores" / f"class={class_key}"
+        # a file per pair, or at the class grain one file of the class's shifts (and no per-shift folder)
+        path = folder / f"shift={key.split('|')[1]}" / "part.parquet" if "|" in key else folder / "part.parquet"
+        assert Path(m.metadata["path"].value) == path
+        table = pq.read_table(path)
+        assert sorted(set(table.column("shift").to_pylist())) == sorted([key.split("|")[1]] if "|" in key else SHIFTS)
+        assert ("|" in key) == any(folder.glob("shift=*"))
+        sims = table.column("sim_class").to_pylist()
+        assert m.metadata["dagster/row_count"].value == len(sims) == N * (1 if "|" in key else len(SHIFTS))
         assert m.metadata["mean_sim_class"].value == pytest.approx(sum(sims) / len(sims), abs=1e-6)
         assert m.metadata["kept"].value + m.metadata["dropped"].value == len(sims)
-        if table is not None:
-            assert m.metadata["kept"].value == sum(table.column("kept").to_pylist())
+        assert m.metadata["kept"].value == sum(table.column("kept").to_pylist())
 
 
 def test_partition_records_are_small(ranged):
@@ -166,13 +167,14 @@ def test_the_encoder_root_record_names_at_most_fifty_classes(ranged):
 def test_the_views_and_their_row_check_hold_every_pair(ranged):
     import duckdb
 
-    _, settings, runs, _ = ranged
+    grain, settings, runs, _ = ranged
     (rows_check,) = runs[-1].get_asset_check_evaluations()
     assert rows_check.passed and rows_check.metadata["partitions"].value == len(CLASS_KEYS) * len(SHIFTS)
     # the project's DuckDB resource (what a user's asset gets) resolves the relative views at the root
     with build_resources(settings)["duckdb"].get_connection() as con:
         assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == len(CLASS_KEYS) * len(SHIFTS) * N
-    assert "scores/*/*/*.parquet" in duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True).execute(
+    glob = "scores/*/*/*.parquet" if grain == "class_shift" else "scores/*/*.parquet"  # a file per pair, or per class
+    assert f"'{glob}'" in duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True).execute(
         "SELECT sql FROM duckdb_views() WHERE view_name = 'scores'").fetchone()[0]
 
 
@@ -194,6 +196,74 @@ def test_a_class_partition_fails_its_count_check_naming_the_shift(ranged, tmp_pa
     assert results["circle"][0] and not results["square"][0]
     assert results["square"][1]["failed_shifts"] == "in_the_snow"
     assert results["square"][1]["reason"].startswith("in_the_snow: manifest.json lists 3 images, 2 of them present")
+
+
+def test_the_class_grains_rows_check_names_what_its_class_files_miss(ranged, tmp_path):
+    """At the class grain a file holds its class's pairs: the rows check finds a pair missing from
+    its class's file, a class file of no partition, and an unreadable one (named by its class)."""
+    import shutil
+
+    from di_assets.defs.scores_db import rows_check_result
+
+    grain, settings, _, instance = ranged
+    if grain != "class":
+        pytest.skip("the class grain's files")
+    storage = build_resources(settings)["storage"]
+    square = storage.scores_file("square", None)
+    shutil.copy(square, tmp_path / "keep.parquet")
+
+    def check():
+        ok, meta = rows_check_result(storage, instance, SHIFTS, grain="class")
+        return ok, {k: getattr(v, "value", v) for k, v in meta.items()}
+
+    try:
+        table = pq.read_table(square)
+        pq.write_table(table.filter(pc.equal(table["shift"], "base")), square)  # in_the_snow's rows gone
+        ok, meta = check()
+        assert not ok and meta["missing"] == "square|in_the_snow" and meta["extra"] == "none"
+        ghost = storage.scores_file("ghost", None)
+        ghost.parent.mkdir()
+        shutil.copy(tmp_path / "keep.parquet", ghost)
+        ok, meta = check()
+        assert not ok and meta["extra"] == "ghost|base, ghost|in_the_snow"
+        shutil.rmtree(ghost.parent)
+        square.write_bytes(b"PAR1 cut short")
+        ok, meta = check()
+        assert not ok and meta["unreadable"] == "square" and meta["failed"] == "square"
+    finally:
+        shutil.copy(tmp_path / "keep.parquet", square)
+    ok, meta = check()
+    assert ok and meta["db_rows"] == meta["file_rows"] == len(CLASS_KEYS) * len(SHIFTS) * N
+
+
+def test_scores_db_merges_an_older_class_grain_storage_into_a_file_per_class(ranged):
+    """Older versions wrote a file per pair at the class grain too: the next scores_db run merges them
+    (its views and check then see every pair), and nothing else has to run again."""
+    import duckdb
+
+    grain, settings, _, instance = ranged
+    if grain != "class":
+        pytest.skip("the class grain's files")
+    store = Path(settings.storage)
+    for key in CLASS_KEYS:  # as an older version left them
+        path = store / "scores" / f"class={key}" / "part.parquet"
+        table = pq.read_table(path)
+        for shift in SHIFTS:
+            (path.parent / f"shift={shift}").mkdir()
+            pq.write_table(table.filter(pc.equal(table["shift"], shift)), path.parent / f"shift={shift}" / "part.parquet")
+        path.unlink()
+    result = dg.materialize(build_assets(settings), selection=["scores_db"], instance=instance,
+                            resources=build_resources(settings))
+    (rows_check,) = result.get_asset_check_evaluations()
+    assert rows_check.passed and rows_check.metadata["partitions"].value == len(CLASS_KEYS) * len(SHIFTS)
+    assert sorted(p.relative_to(store).as_posix() for p in store.glob("scores/**/*.parquet")) == [
+        f"scores/class={k}/part.parquet" for k in CLASS_KEYS]
+    with duckdb.connect(f"{settings.storage}/scores.duckdb", read_only=True) as con:
+        from di_assets.ml.diagnosis import use_storage_root
+
+        use_storage_root(con, settings.storage)
+        assert con.execute("SELECT count(*), count(DISTINCT class || shift) FROM scores").fetchone() == (
+            len(CLASS_KEYS) * len(SHIFTS) * N, len(CLASS_KEYS) * len(SHIFTS))
 
 
 def test_a_grain_that_does_not_exist_is_one_line():

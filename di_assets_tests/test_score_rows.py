@@ -246,12 +246,12 @@ def test_files_of_other_columns_are_told_apart(tmp_path):
     assert not gather_score_rows(tmp_path, COLUMNS).uniform_schema
 
 
-def scores_view(con, root, glob="scores/*/*/*.parquet"):
-    from di_assets.defs.scores_db import VIEWS
+def scores_view(con, root, glob="scores/*/*/*.parquet", grain="class_shift"):
+    from di_assets.defs.scores_db import HIVE, VIEWS
     from di_assets.ml.diagnosis import use_storage_root
 
     use_storage_root(con, root)
-    con.execute(f"CREATE OR REPLACE VIEW scores AS {VIEWS['scores'].format(glob=glob, unify='')}")
+    con.execute(f"CREATE OR REPLACE VIEW scores AS {VIEWS['scores'].format(glob=glob, hive=HIVE[grain], unify='')}")
 
 
 def test_the_view_counts_only_the_classes_that_changed(tmp_path):
@@ -400,3 +400,120 @@ def test_a_killed_writers_temporary_goes_even_when_nothing_is_written(tmp_path):
     (tmp_path / score_rows.COUNTED.parent / f".{score_rows.COUNTED.name}.tmp-{dead}-x").write_bytes(b"half")
     score_rows.count_through_view(con, tmp_path, got)  # nothing new to write
     assert [p.name for p in (tmp_path / CACHE.parent).iterdir() if ".tmp-" in p.name] == []
+
+
+# The class grain: a file per class holding its shifts (`scores/class=<c>/part.parquet`).
+CLASS_GLOB = "scores/*/*.parquet"
+
+
+def write_class_scores(root, key, sims_by_shift):
+    """A class's one score file, as clip_scores writes it at the class grain."""
+    path = root / "scores" / f"class={key}" / "part.parquet"
+    tables = [pa.table({"class_key": [key] * len(sims), "shift": [shift] * len(sims),
+                        "sim_class": pa.array(sims, pa.float32()), "kept": [s > 0 for s in sims]})
+              for shift, sims in sims_by_shift.items()]
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.concat_tables(tables), tmp)
+    return path
+
+
+def test_the_class_grain_lists_a_file_per_class_and_counts_pairs_from_its_rows(tmp_path):
+    from di_assets.ml.score_rows import count_through_view, list_score_files
+
+    for key in ("a", "b", "c", "d"):
+        write_class_scores(tmp_path, key, {"base": [0.1, 0.2, 0.3], "at_night": [0.4, 0.5, 0.6]})
+    write_scores(tmp_path, "a", "base", [0.9])  # a per-shift file beside: merged into nothing (a's file exists)
+    settle()
+    rows = gather_score_rows(tmp_path, COLUMNS, grain="class")
+    assert list_score_files(tmp_path, grain="class") == sorted(rows.rows) == [
+        f"scores/class={k}/part.parquet" for k in "abcd"]
+    assert not (tmp_path / "scores/class=a/shift=base").exists()  # the stale per-shift file went
+    with duckdb.connect() as con:
+        fresh = sorted(con.execute(f"SELECT {', '.join(COLUMNS)} FROM read_parquet('{tmp_path}/{CLASS_GLOB}', "
+                                   "hive_partitioning = true)").fetchall())
+    assert sorted(zip(*(rows.table.column(c).to_pylist() for c in COLUMNS))) == fresh and len(fresh) == 24
+    assert rows.pairs == {f"{k}|{s}" for k in "abcd" for s in ("base", "at_night")}
+    assert rows.pair_rows() == dict.fromkeys(rows.pairs, 3)
+
+    con = duckdb.connect()
+    scores_view(con, tmp_path, glob=CLASS_GLOB, grain="class")
+    assert count_through_view(con, tmp_path, rows) == {"db_rows": 24, "counted": 8, "mismatched": []}
+    write_class_scores(tmp_path, "c", {"base": [0.5], "at_night": [0.5, 0.6]})  # class c rewritten
+    settle()
+    assert count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS, grain="class")) == {
+        "db_rows": 21, "counted": 2, "mismatched": []}  # c's two pairs only
+    # a view that reads less than the files: the pairs it misses are named
+    con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT * FROM read_parquet('{CLASS_GLOB}', "
+                "hive_partitioning = true) WHERE shift = 'base'")
+    wrong = count_through_view(con, tmp_path, gather_score_rows(tmp_path, COLUMNS, grain="class"))
+    assert wrong["mismatched"] == [f"{k}|at_night" for k in "abcd"] and wrong["db_rows"] == 10
+
+
+def test_an_older_class_grain_storage_is_merged_into_a_file_per_class(tmp_path, caplog):
+    """Older versions wrote a file per pair at the class grain too: the first gathering
+    merges each class's files into its one file, with the same rows, and removes them."""
+    from di_assets.ml.score_rows import has_score_files
+
+    for key in ("a", "b"):
+        for shift in ("base", "at_night"):
+            write_scores(tmp_path, key, shift, [0.1, 0.2] if shift == "base" else [0.3])
+    before = fresh_read(tmp_path)
+    baseline = tmp_path / "baseline"  # the class-name baseline's scores: scores_db asks whether it has any
+    for key in ("a", "b"):
+        write_scores(baseline, key, "base", [0.5])
+    assert has_score_files(tmp_path, "baseline/scores", grain="class")
+    assert sorted(p.relative_to(baseline).as_posix() for p in baseline.rglob("*.parquet")) == [
+        "scores/class=a/part.parquet", "scores/class=b/part.parquet"]  # every class merged, not the first only
+    with caplog.at_level(logging.INFO, logger="di_assets"):
+        rows = gather_score_rows(tmp_path, COLUMNS, grain="class")
+    assert sorted(rows.rows) == ["scores/class=a/part.parquet", "scores/class=b/part.parquet"]
+    assert "score files of class=b: 2 per-shift files merged into part.parquet" in caplog.text
+    assert not list(tmp_path.glob(GLOB)) and not list(tmp_path.glob("scores/*/shift=*"))
+    assert sorted(zip(*(rows.table.column(c).to_pylist() for c in COLUMNS))) == before
+    assert pq.read_table(tmp_path / "scores/class=a/part.parquet").num_rows == 3
+    broken = write_scores(tmp_path, "c", "base", [0.1])
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"cannot merge .*class=c/shift=base/part.parquet into its class's score "
+                                         r"file .*; remove it, or materialize clip_scores of class 'c' again"):
+        gather_score_rows(tmp_path, COLUMNS, grain="class")
+    assert broken.exists() and not (tmp_path / "scores/class=c/part.parquet").exists()  # nothing lost
+
+
+def test_a_score_file_of_one_layout_removes_the_classs_files_of_the_other(tmp_path):
+    """clip_scores after the grain changed: the class's files of the other layout are stale."""
+    from di_assets.defs.clip_scores import write_scores as write_partition
+
+    one = pa.table({"class_key": ["a"], "shift": ["base"], "sim_class": pa.array([0.1], pa.float32())})
+    write_scores(tmp_path, "a", "at_night", [0.2])
+    write_partition(tmp_path / "scores/class=a/part.parquet", [one, one])
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet")] == [
+        "scores/class=a/part.parquet"]
+    write_partition(tmp_path / "scores/class=a/shift=base/part.parquet", [one])
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet")] == [
+        "scores/class=a/shift=base/part.parquet"]
+
+
+def test_the_range_check_reads_a_class_file_once_and_names_the_failing_shift(tmp_path, monkeypatch):
+    from di_assets.defs.clip_scores import range_check_results
+    from di_assets.defs.resources import StorageResource
+
+    storage = StorageResource(root=str(tmp_path), dataset=str(tmp_path))
+    write_class_scores(tmp_path, "a", {"base": [0.1, 0.2], "at_night": [0.3]})
+    write_class_scores(tmp_path, "b", {"base": [0.1], "at_night": [float("nan")]})
+    sims = ["sim_class", "sim_shift", "sim_base"]
+    for key in ("a", "b"):  # the columns the check reads
+        path = tmp_path / f"scores/class={key}/part.parquet"
+        t = pq.read_table(path)
+        pq.write_table(t.append_column("sim_shift", t["sim_class"]).append_column("sim_base", t["sim_class"]), path)
+    opened = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, **kw: opened.append(path) or real(path, **kw))
+    results = range_check_results(storage, ["a", "b"], shift_keys=["base", "at_night", "in_the_snow"])
+    assert sorted(str(p) for p in opened) == [str(tmp_path / f"scores/class={k}/part.parquet") for k in "ab"]
+    assert set(sims) <= set(pq.read_schema(tmp_path / "scores/class=a/part.parquet").names)
+    ok_a, meta_a = results["a"]
+    assert not ok_a and meta_a["failed_shifts"] == "in_the_snow" and meta_a["reason"] == "in_the_snow: no rows"
+    ok_b, meta_b = results["b"]
+    assert not ok_b and meta_b["failed_shifts"] == "at_night, in_the_snow"
+    assert meta_b["reason"].startswith("at_night: 3 NaN, inf or missing values")
+    assert range_check_results(storage, ["a"], shift_keys=["base", "at_night"])["a"][0]

@@ -91,14 +91,14 @@ def build_assets(settings: Settings) -> list:
         build_encoder_root(versions["encoder_root"]),
         build_counterfactuals(shifts, grid, versions["counterfactuals"]),
         build_clip_scores(shifts, grid, versions["clip_scores"]),
-        build_scores_db(settings.baseline, keys),
+        build_scores_db(settings.baseline, keys, settings.partition_grain),
         # The asset checks (each reads its asset's files; it runs after its asset, or alone from the UI)
         images_check,
         build_token_check(),
         build_root_check(),
         build_count_check(grid, shift_keys=keys),
         build_range_check(grid, shift_keys=keys),
-        build_rows_check(keys),
+        build_rows_check(keys, settings.partition_grain),
     ]
     if settings.baseline:  # the paper's class-name baseline, to compare with the tokens shift by shift
         assets += [build_counterfactuals(shifts, grid, versions["counterfactuals"], baseline=True),

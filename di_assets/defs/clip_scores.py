@@ -8,7 +8,7 @@ from .checks import by_partition, emit, partitioned_checks, run_partition_keys
 from .executors import gpu_tags
 from .progress import ProgressLines
 from .metadata import table_schema
-from .partitions import OWNERS, ends_partition, partition_pairs
+from .partitions import OWNERS, ends_partition, grain_of, partition_pairs
 from .resources import InterfaceParams, ModelResource, StorageResource
 
 RANGE_CHECK = "scores_in_range"
@@ -48,6 +48,9 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
     shift_keys = [s.key for s in shifts]
     asset_name = "baseline_scores" if baseline else "clip_scores"
     where = "baseline/scores" if baseline else "scores"
+    # At the class grain a partition's scores are one file of all its shifts: 1,000 files at 1,000
+    # classes instead of 24,000 for every reader to list (ml.score_rows.score_glob).
+    by_class = grain_of(partitions_def) == "class"
 
     @dg.asset(
         name=asset_name,
@@ -65,7 +68,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         metadata={"dagster/column_schema": score_schema()},
         backfill_policy=dg.BackfillPolicy.single_run(),
         # Its check (RANGE_CHECK, build_range_check) runs after it in the same run, per partition.
-        description=f"Scores in Hive layout: `{where}/class=<c>/shift=<s>/part.parquet`",
+        description=f"Scores in Hive layout: `{where}/class=<c>/{'' if by_class else 'shift=<s>/'}part.parquet`",
     )
     def clip_scores(
         context: dg.AssetExecutionContext, storage: StorageResource, models: ModelResource, params: InterfaceParams
@@ -73,7 +76,6 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         from datetime import datetime, timezone
 
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from di_assets.ml.clip_metric import BASE_CAPTION, class_floor, drop_reasons, get_scorer
         from di_assets.ml.io import atomic_path, load_class_images, read_counterfactuals
@@ -126,11 +128,13 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                     "clip_model": [scorer.model_id] * n,
                     "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
                 })
-                with atomic_path(storage.scores_file(key, shift_key, baseline)) as tmp:
-                    pq.write_table(table, tmp)
-                stats.append((n, sum(kept)))
                 part = acc.setdefault(pkey, {"n": 0, "kept": 0, "sim_class": [], "sim_shift": [], "drops": [],
-                                             "shifts": []})
+                                             "shifts": [], "tables": []})
+                if by_class:  # written when the class's last shift is scored
+                    part["tables"].append(table)
+                else:
+                    write_scores(storage.scores_file(key, shift_key, baseline), [table])
+                stats.append((n, sum(kept)))
                 part["n"] += n
                 part["kept"] += sum(kept)
                 part["sim_class"] += sim_class
@@ -147,8 +151,9 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                 # Each partition's own record, also in a run over many partitions: its numbers (the UI's
                 # Plots tab draws them per partition) and a file of its dropped images, linked.
                 part = acc.pop(pkey)
-                where = (storage.scores_file(key, shift_key, baseline) if len(part["shifts"]) == 1
-                         else storage.scores_file(key, shift_key, baseline).parent.parent)
+                where = storage.scores_file(key, None if by_class else shift_key, baseline)
+                if by_class:
+                    write_scores(where, part["tables"])
                 meta = {
                     "dagster/row_count": part["n"], "mean_sim_class": _mean(part["sim_class"]),
                     "mean_sim_shift": _mean(part["sim_shift"]), "kept": part["kept"],
@@ -157,7 +162,7 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
                     **({"shift_caption": shift.caption} if len(part["shifts"]) == 1 else {"shifts": len(part["shifts"])}),
                 }
                 if part["drops"]:
-                    sheet = (where.parent if where.suffix else where) / DROPPED_SHEET
+                    sheet = where.parent / DROPPED_SHEET
                     with atomic_path(sheet) as tmp:
                         dropped_sheet(part["drops"]).save(tmp, format="JPEG", quality=85)
                     meta["dropped_preview"] = dg.MetadataValue.path(str(sheet))
@@ -169,6 +174,24 @@ def build_clip_scores(shifts: list[Shift], partitions_def, code_version: str,
         return dg.MaterializeResult()
 
     return clip_scores
+
+
+def write_scores(path, tables) -> None:
+    """A score file (atomically) from the tables of its pairs. Then the class's files of the other
+    grain's layout go (`class=<c>/part.parquet` beside `class=<c>/shift=<s>/part.parquet`): after the
+    grain changed they are stale, and the views and readers take either layout of a class."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from di_assets.ml.io import atomic_path
+    from di_assets.ml.score_rows import merge_shift_files
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.concat_tables(tables), tmp)
+    if path.parent.name.startswith("shift="):
+        (path.parent.parent / "part.parquet").unlink(missing_ok=True)
+    else:
+        merge_shift_files(path.parent)  # with the class's file there: removes the per-shift files
 
 
 SIM_COLUMNS = ["sim_class", "sim_shift", "sim_base"]
@@ -198,14 +221,32 @@ def range_check_results(storage: StorageResource, keys: list[str], baseline: boo
                         shift_keys: list[str] = ()) -> dict:
     """RANGE_CHECK of each partition (`class|shift`, or a class at the class grain), from its
     Parquet files: {key: (passed, metadata)}."""
+    import functools
+
     import numpy as np
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    by_class = any("|" not in k for k in keys)  # the class grain: a class's file holds all its shifts
+
+    @functools.cache
+    def class_file(path):  # at the class grain, read once for all its shifts: (table, None) or (None, error)
+        try:
+            return pq.read_table(path, columns=["shift", *SIM_COLUMNS]), None
+        except (OSError, ValueError, KeyError) as exc:
+            return None, exc
+
     def one(class_key: str, shift: str) -> tuple[bool, dict]:
-        path = storage.scores_file(class_key, shift, baseline)
+        path = storage.scores_file(class_key, None if by_class else shift, baseline)
         meta = {"path": dg.MetadataValue.path(str(path))}
         try:
-            table = pq.read_table(path, columns=SIM_COLUMNS)
+            if by_class:
+                whole, error = class_file(path)
+                if error is not None:
+                    raise error
+                table = whole.filter(pc.equal(whole["shift"], shift)).select(SIM_COLUMNS)
+            else:
+                table = pq.read_table(path, columns=SIM_COLUMNS)
         except (OSError, ValueError, KeyError) as exc:  # missing, unreadable, or without the columns
             return False, {**meta, "reason": f"cannot read {', '.join(SIM_COLUMNS)} "
                                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"}

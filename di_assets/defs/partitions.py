@@ -34,6 +34,11 @@ def interface_partitions(shift_keys: list[str], grain: str = "class_shift") -> d
     return CLASSES if grain == "class" else class_shift_partitions(shift_keys)
 
 
+def grain_of(partitions_def: dg.PartitionsDefinition) -> str:
+    """The grain (settings' `partition_grain`) that interface_partitions made `partitions_def` for."""
+    return "class_shift" if isinstance(partitions_def, dg.MultiPartitionsDefinition) else "class"
+
+
 def pairs_of(key: str, shift_keys: list[str]) -> list[tuple[str, str]]:
     """The (class, shift) pairs that one partition makes: `class|shift` one, a class key every shift."""
     if "|" in key:

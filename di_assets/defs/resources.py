@@ -63,8 +63,10 @@ class StorageResource(dg.ConfigurableResource):
     def images_dir(self, key: str, shift: str, baseline: bool = False) -> Path:
         return self.variant_root(baseline) / "images" / key / shift
 
-    def scores_file(self, key: str, shift: str, baseline: bool = False) -> Path:
-        return self.variant_root(baseline) / "scores" / f"class={key}" / f"shift={shift}" / "part.parquet"
+    def scores_file(self, key: str, shift: str | None, baseline: bool = False) -> Path:
+        """A class x shift pair's score file; with `shift` None, the class grain's one file of the class."""
+        folder = self.variant_root(baseline) / "scores" / f"class={key}"
+        return (folder / f"shift={shift}" if shift is not None else folder) / "part.parquet"
 
     @property
     def scores_db(self) -> Path:

@@ -12,21 +12,21 @@ from .versions import SCORES_DB_CODE
 
 SCORES_DB = dg.AssetKey("scores_db")
 ROWS_CHECK = "rows_match_score_files"
-# The score files the views read, relative to the storage root: every connection resolves them against the
-# root the database is in (ml.diagnosis.use_storage_root), so a copied or moved root reads its own files.
-SCORES_GLOB = "scores/*/*/*.parquet"
-BASELINE_SCORES_GLOB = f"{BASELINE_DIR}/{SCORES_GLOB}"
-
-# The Hive folder names as text (a class named `001` stays `001`). Columns are unified by name across
+# The views read the score files by their glob relative to the storage root (ml.score_rows.score_glob:
+# `scores/*/*/*.parquet`, or `scores/*/*.parquet` at the class grain): every connection resolves it against
+# the root the database is in (ml.diagnosis.use_storage_root), so a copied or moved root reads its own files.
+# The Hive folder names as text (a class named `001` stays `001`); at the class grain the files' folders
+# name the class only, and `shift` is the files' own column. Columns are unified by name across
 # files only while files of different columns coexist (score files of two code versions): unifying
 # opens every file for every query, while one shared set of columns lets DuckDB skip the files of other
 # classes by their folder names (a query of one class at 1,000 classes: 0.7 s against 4 s).
-HIVE = "hive_partitioning = true, hive_types = {{'class': VARCHAR, 'shift': VARCHAR}}"
+HIVE = {"class_shift": "hive_partitioning = true, hive_types = {'class': VARCHAR, 'shift': VARCHAR}",
+        "class": "hive_partitioning = true, hive_types = {'class': VARCHAR}"}
 UNIFY = ", union_by_name = true"
 
 VIEWS = {
-    # One row per image; `class` and `shift` also come from the Hive folder names.
-    "scores": f"SELECT * FROM read_parquet('{{glob}}', {HIVE}{{unify}})",
+    # One row per image; `class` and `shift` (`class` only, at the class grain) also from the Hive folder names.
+    "scores": "SELECT * FROM read_parquet('{glob}', {hive}{unify})",
     "mean_scores": """
         SELECT class_key, any_value(class_name) AS class_name, shift, count(*) AS images,
                avg(sim_class) AS mean_sim_class, avg(sim_shift) AS mean_sim_shift,
@@ -69,7 +69,7 @@ def summary_table(con, sql: str) -> dg.MetadataValue:
 
 # With the class-name baseline: its scores, and per class and shift the token beside the name.
 BASELINE_VIEWS = {
-    "baseline_scores": f"SELECT * FROM read_parquet('{{baseline_glob}}', {HIVE}{UNIFY})",
+    "baseline_scores": f"SELECT * FROM read_parquet('{{baseline_glob}}', {{hive}}{UNIFY})",
     "token_vs_name": """
         SELECT t.class_key, any_value(t.class_name) AS class_name, t.shift,
                avg(t.sim_class) AS token_sim_class, avg(n.sim_class) AS name_sim_class,
@@ -80,7 +80,10 @@ BASELINE_VIEWS = {
 }
 
 
-def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None) -> dg.AssetsDefinition:
+def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None,
+                    grain: str = "class_shift") -> dg.AssetsDefinition:
+    from di_assets.ml.score_rows import score_glob
+
     deps = [dg.AssetKey("clip_scores")] + ([dg.AssetKey("baseline_scores")] if baseline else [])
     views = {**VIEWS, **(BASELINE_VIEWS if baseline else {})}
 
@@ -92,8 +95,8 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
         kinds={"duckdb"},
         automation_condition=dg.AutomationCondition.eager(),
         metadata={"dagster/column_schema": score_schema()},  # of its main view, `scores`
-        description=f"DuckDB views {', '.join(f'`{v}`' for v in views)} over "
-                    "`scores/class=*/shift=*/part.parquet`" + (" and `baseline/scores/...`" if baseline else ""),
+        description=f"DuckDB views {', '.join(f'`{v}`' for v in views)} over `{score_glob(grain)}`"
+                    + (f" and `{score_glob(grain, f'{BASELINE_DIR}/scores')}`" if baseline else ""),
     )
     def scores_db(context: dg.AssetExecutionContext, storage: StorageResource,
                   duckdb: DuckDBResource) -> dg.MaterializeResult:
@@ -106,14 +109,14 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
         # The rows the record's numbers and chart use, of every score file: gather_score_rows reads again
         # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files).
         # Its rows check, in this run, takes the same gathering.
-        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=context.run.run_id)
+        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=context.run.run_id, grain=grain)
         if not rows.index.num_rows:
             raise FileNotFoundError(f"no score files under {storage.root}/scores; materialize clip_scores first")
         chosen = dict(VIEWS)
-        if baseline and has_score_files(storage.root, f"{BASELINE_DIR}/scores"):
+        if baseline and has_score_files(storage.root, f"{BASELINE_DIR}/scores", grain):
             chosen.update(BASELINE_VIEWS)
-        globs = {"glob": SCORES_GLOB, "baseline_glob": BASELINE_SCORES_GLOB,  # no absolute path in the file
-                 "unify": "" if rows.uniform_schema else UNIFY}
+        globs = {"glob": score_glob(grain), "baseline_glob": score_glob(grain, f"{BASELINE_DIR}/scores"),  # relative
+                 "hive": HIVE[grain], "unify": "" if rows.uniform_schema else UNIFY}
         with duckdb.get_connection() as con:
             use_storage_root(con, storage.root)
             # A view reads its files when it is queried, so one whose SQL is unchanged stays as it is:
@@ -156,12 +159,13 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None)
 
 
 def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
-                      shift_keys: list[str], run: str | None = None) -> tuple[bool, dict]:
+                      shift_keys: list[str], run: str | None = None, grain: str = "class_shift") -> tuple[bool, dict]:
     """ROWS_CHECK: the `scores` view counts as many rows as the Parquet files of the materialized
     clip_scores partitions hold, with no file missing and no file of another partition in the view.
     The files' rows come from gather_score_rows and the view counts the classes whose files changed
     since it last counted them (count_through_view): an update of one class opens that class's files.
-    In the run that materialized scores_db (`run`), the files are those it gathered."""
+    In the run that materialized scores_db (`run`), the files are those it gathered. At the class
+    grain a file holds its class's pairs: those its rows name."""
     from pathlib import Path
 
     import duckdb
@@ -176,18 +180,21 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
                 for c, s in pairs_of(k, shift_keys) if c in classes and s in shifts}
     unreadable, rows = [], None
     try:
-        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=run)
+        rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=run, grain=grain)
         listed, file_rows = rows.pairs, rows.total_rows
     except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
-        files = {}  # what the view reads (its glob), by partition
-        for f in list_score_files(storage.root):
-            files.setdefault(pair_of_file(f), []).append(f)
+        files = {}  # what the view reads (its glob), by partition (at the class grain, by class)
+        for f in list_score_files(storage.root, grain=grain):
+            files.setdefault(pair_of_file(f) if grain != "class" else f.split("/")[1].removeprefix("class="),
+                             []).append(f)
         listed, file_rows = files.keys(), 0
         for key, paths in files.items():
             try:
                 file_rows += sum(pq.ParquetFile(Path(storage.root) / p).metadata.num_rows for p in paths)
             except Exception:  # noqa: BLE001
                 unreadable.append(key)
+        if grain == "class":  # what a class's file would hold: its pairs
+            listed = {p for c in listed for p in (f"{c}|{s}" for s in shift_keys)}
     missing, extra = sorted(expected - listed), sorted(listed - expected)
     meta = {"path": dg.MetadataValue.path(str(storage.scores_db)), "partitions": len(expected),
             "file_rows": file_rows, "missing": name_list(missing) or "none", "extra": name_list(extra) or "none",
@@ -215,13 +222,13 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     return ok, {**meta, **failed_summary(failed, len(expected))}
 
 
-def build_rows_check(shift_keys: list[str]) -> dg.AssetChecksDefinition:
+def build_rows_check(shift_keys: list[str], grain: str = "class_shift") -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=SCORES_DB, name=ROWS_CHECK,
                     description="The `scores` view counts as many rows as the score files of the materialized "
                                 "clip_scores partitions, with no file missing and none extra (classes whose files "
                                 "changed since the last check are counted again)")
     def rows_check(context: dg.AssetCheckExecutionContext, storage: StorageResource):
         yield from emit(context, SCORES_DB, ROWS_CHECK,
-                        {None: rows_check_result(storage, context.instance, shift_keys, context.run.run_id)})
+                        {None: rows_check_result(storage, context.instance, shift_keys, context.run.run_id, grain)})
 
     return rows_check
