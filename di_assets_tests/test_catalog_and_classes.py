@@ -49,6 +49,43 @@ def test_colliding_class_keys_are_an_error(tmp_path):
         class_key("|||")
 
 
+def test_the_class_folders_are_listed_again_only_when_the_dataset_folder_changed(tmp_path, monkeypatch):
+    """An update asks for the classes in each step: the folder is listed once while it stays as it was,
+    and again as soon as a class folder comes, goes or is renamed (its mtime), never from a racy listing."""
+    import os
+    import time
+
+    from di_assets.ml import classes
+    from di_assets.ml.observe import RACY_NS
+
+    data = tmp_path / "data"
+    for name in ("circle", "square"):
+        (data / name).mkdir(parents=True)
+    listed = []
+    real = os.scandir
+    monkeypatch.setattr(classes.os, "scandir", lambda path: listed.append(path) or real(path))
+
+    def keys():
+        return [c.key for c in discover_classes(data)]
+
+    assert keys() == keys() == ["circle", "square"] and len(listed) == 2  # just made: racy, not kept
+    time.sleep(2 * RACY_NS / 1e9)
+    assert keys() == keys() == keys() == ["circle", "square"] and len(listed) == 3  # kept, then reused
+    (data / "star").mkdir()
+    assert keys() == ["circle", "square", "star"]
+    time.sleep(2 * RACY_NS / 1e9)
+    keys()
+    (data / "square").rename(data / "triangle")
+    assert keys() == ["circle", "star", "triangle"]
+    (data / "circle").rmdir()
+    assert keys() == ["star", "triangle"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_classes(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder of class folders"):
+        discover_classes(tmp_path / "file")
+
+
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")

@@ -76,11 +76,12 @@ def refresh_root(storage: StorageResource, names: dict[str, str], spec) -> tuple
 
 
 def token_files(storage: StorageResource, keys: list[str]) -> dict[str, tuple]:
-    """{class key: (its token file, file_signature or None where racy)} for the classes that have one."""
+    """{class key: (its token file's path, file_signature or None where racy)} for the classes that have one."""
     from di_assets.ml.observe import file_signatures
     from di_assets.ml.textual_inversion import EMBEDS_FILE
 
-    paths = {storage.token_dir(k) / EMBEDS_FILE: k for k in keys}
+    base = storage.tokens_root  # joined as text: 21,000 Path joins cost more than the stat calls
+    paths = {f"{base}/{k}/{EMBEDS_FILE}": k for k in keys}
     return {paths[path]: (path, sig) for path, sig in file_signatures(paths).items()}
 
 

@@ -49,8 +49,12 @@ class StorageResource(dg.ConfigurableResource):
             raise KeyError(f"class {key!r} has no folder in {self.dataset}; was it removed?")
         return classes[key]
 
+    @property
+    def tokens_root(self) -> Path:
+        return Path(self.root) / "tokens"
+
     def token_dir(self, key: str) -> Path:
-        return Path(self.root) / "tokens" / key
+        return self.tokens_root / key
 
     @property
     def encoder_root(self) -> Path:

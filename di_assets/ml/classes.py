@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +49,41 @@ class ClassFolder:
         return f"<{self.key}>"
 
 
+# The last listing per dataset folder in this process, with the folder's own stat: an update asks for the
+# classes in each of its steps (7 times), and at ImageNet-21k a listing is 21,000 entries.
+_LISTED: dict[str, tuple[tuple, list[ClassFolder]]] = {}
+
+
 def discover_classes(dataset_root: str | Path) -> list[ClassFolder]:
-    """Every sub-folder of `dataset_root` is a class; keys must be unique."""
+    """Every sub-folder of `dataset_root` is a class; keys must be unique.
+
+    The folder is listed again only when its own stat (inode, mtime, ctime) differs from the last
+    listing's in this process: adding, removing or renaming a class folder changes its mtime. A listing
+    taken within a clock tick of the folder's last change is not kept (a change in the same tick could
+    keep the mtime), as observe.without_racy does for files."""
+    from .observe import without_racy
+
     root = Path(dataset_root)
-    if root.is_file():
+    start = time.time_ns()
+    try:
+        st = os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"dataset folder {root} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"dataset {root} is a file, not a folder of class folders")
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    last = _LISTED.get(str(root))
+    if last is not None and last[0] == signature:
+        return list(last[1])
+    classes = _list_classes(root)
+    if without_racy({root: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}, start)[root] is not None:
+        _LISTED[str(root)] = (signature, classes)
+    else:
+        _LISTED.pop(str(root), None)
+    return list(classes)
+
+
+def _list_classes(root: Path) -> list[ClassFolder]:
     found: dict[str, ClassFolder] = {}
     # os.scandir: its entries know whether they are folders without a stat each (a link is followed),
     # and names sort as strings; iterdir, is_dir and sorting Paths cost twice as much at 1,000 classes
