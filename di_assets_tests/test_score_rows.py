@@ -205,15 +205,19 @@ def test_the_listing_is_the_views_glob_without_hidden_files(tmp_path):
 
 def test_the_columnar_hive_names_are_pair_of_files():
     """count_through_view and the rows check take class, folder and pair from the file column at once."""
-    from di_assets.ml.score_rows import _hive_names, pair_of_file
+    from di_assets.ml.score_rows import _hive_names, class_of_file, pair_of_file
 
     files = [f"scores/{c}/{s}/part.parquet" for c, s in [
         ("class=a", "shift=base"), ("class=class=b", "shift=at_night"), ("plain", "shift=x"),
         ("class=chien d'été", "no_prefix"), ("class=001", "shift=shift=y"), ("class=", "shift=")]]
     names = _hive_names(pa.array(files))
     assert names["pair"].to_pylist() == [pair_of_file(f) for f in files]
-    assert names["class"].to_pylist() == [pair_of_file(f).split("|")[0] for f in files]
+    assert names["class"].to_pylist() == [pair_of_file(f).split("|")[0] for f in files] == [
+        class_of_file(f) for f in files]
     assert names["folder"].to_pylist() == [f.split("/")[1] for f in files]
+    per_class = [f"scores/{c}/part.parquet" for c in ("class=a", "class=class=b", "plain", "class=001", "class=")]
+    names = _hive_names(pa.array(per_class), "class")  # the class grain: a file per class, no pair in its name
+    assert "pair" not in names and names["class"].to_pylist() == [class_of_file(f) for f in per_class]
 
 
 @pytest.mark.parametrize("coarse", [False, True])

@@ -172,7 +172,8 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     import pyarrow.parquet as pq
 
     from di_assets.ml.diagnosis import use_storage_root
-    from di_assets.ml.score_rows import count_through_view, gather_score_rows, list_score_files, pair_of_file
+    from di_assets.ml.score_rows import (class_of_file, count_through_view, gather_score_rows, list_score_files,
+                                         pair_of_file)
 
     classes, shifts = set(instance.get_dynamic_partitions(CLASSES.name)), set(shift_keys)
     # a class x shift partition holds its pair; a class partition (the class grain) every shift
@@ -185,8 +186,7 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
     except Exception:  # noqa: BLE001 - a corrupt file fails the check: find it, to name its partition
         files = {}  # what the view reads (its glob), by partition (at the class grain, by class)
         for f in list_score_files(storage.root, grain=grain):
-            files.setdefault(pair_of_file(f) if grain != "class" else f.split("/")[1].removeprefix("class="),
-                             []).append(f)
+            files.setdefault(pair_of_file(f) if grain != "class" else class_of_file(f), []).append(f)
         listed, file_rows = files.keys(), 0
         for key, paths in files.items():
             try:

@@ -436,6 +436,11 @@ def _value_counts(column) -> tuple[list[str], list[int]]:
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
+def class_of_file(file: str) -> str:
+    """`scores/class=<c>/...` (either layout) -> `<c>` (the name its Hive folder gives)."""
+    return file.split("/")[1].removeprefix("class=")
+
+
 def pair_of_file(file: str) -> str:
     """`scores/class=<c>/shift=<s>/part.parquet` -> `<c>|<s>` (the names the Hive folders give)."""
     parts = file.split("/")
