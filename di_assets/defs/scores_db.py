@@ -107,7 +107,8 @@ def build_scores_db(baseline: bool = False, shift_keys: list[str] | None = None,
         from di_assets.ml.score_rows import gather_score_rows, has_score_files
 
         # The rows the record's numbers and chart use, of every score file: gather_score_rows reads again
-        # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files).
+        # only the files that changed since the last run (at 1,000 classes x 24 shifts, 24,000 files;
+        # 1,000 at the class grain, a file per class).
         # Its rows check, in this run, takes the same gathering.
         rows = gather_score_rows(storage.root, list(SUMMARY_INPUT), run=context.run.run_id, grain=grain)
         if not rows.index.num_rows:
