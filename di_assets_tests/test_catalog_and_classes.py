@@ -79,6 +79,13 @@ def test_the_class_folders_are_listed_again_only_when_the_dataset_folder_changed
     assert keys() == ["circle", "star", "triangle"]
     (data / "circle").rmdir()
     assert keys() == ["star", "triangle"]
+    # a link's target can come or go while the dataset folder stays as it is: such a listing is not kept
+    (tmp_path / "elsewhere").mkdir()
+    (data / "linked").symlink_to(tmp_path / "elsewhere")
+    time.sleep(2 * RACY_NS / 1e9)
+    assert keys() == ["linked", "star", "triangle"]
+    (tmp_path / "elsewhere").rmdir()
+    assert keys() == ["star", "triangle"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover_classes(tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")

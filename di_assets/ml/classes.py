@@ -60,7 +60,8 @@ def discover_classes(dataset_root: str | Path) -> list[ClassFolder]:
     The folder is listed again only when its own stat (inode, mtime, ctime) differs from the last
     listing's in this process: adding, removing or renaming a class folder changes its mtime. A listing
     taken within a clock tick of the folder's last change is not kept (a change in the same tick could
-    keep the mtime), as observe.without_racy does for files."""
+    keep the mtime), as observe.without_racy does for files; nor is one of a folder holding a link,
+    whose target can come or go without the dataset folder changing."""
     from .observe import without_racy
 
     root = Path(dataset_root)
@@ -75,20 +76,22 @@ def discover_classes(dataset_root: str | Path) -> list[ClassFolder]:
     last = _LISTED.get(str(root))
     if last is not None and last[0] == signature:
         return list(last[1])
-    classes = _list_classes(root)
-    if without_racy({root: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}, start)[root] is not None:
+    classes, linked = _list_classes(root)
+    if not linked and without_racy({root: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}, start)[root]:
         _LISTED[str(root)] = (signature, classes)
     else:
         _LISTED.pop(str(root), None)
     return list(classes)
 
 
-def _list_classes(root: Path) -> list[ClassFolder]:
+def _list_classes(root: Path) -> tuple[list[ClassFolder], bool]:
+    """The class folders, and whether the dataset folder holds a link (to a folder or not, or broken)."""
     found: dict[str, ClassFolder] = {}
     # os.scandir: its entries know whether they are folders without a stat each (a link is followed),
     # and names sort as strings; iterdir, is_dir and sorting Paths cost twice as much at 1,000 classes
     with os.scandir(root) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        listed = [(e.name, e.is_dir(), e.is_symlink()) for e in entries if not e.name.startswith(".")]
+    names = sorted(name for name, folder, _ in listed if folder)
     for name in names:
         sub = root / name
         c = ClassFolder(key=class_key(name), name=display_name(name), path=sub)
@@ -97,4 +100,4 @@ def _list_classes(root: Path) -> list[ClassFolder]:
                 f"class folders {found[c.key].path.name!r} and {sub.name!r} both map to key {c.key!r}; rename one"
             )
         found[c.key] = c
-    return list(found.values())
+    return list(found.values()), any(link for _, _, link in listed)
