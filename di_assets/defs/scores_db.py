@@ -195,7 +195,7 @@ def rows_check_result(storage: StorageResource, instance: dg.DagsterInstance,
             except Exception:  # noqa: BLE001
                 unreadable.append(key)
         if grain == "class":  # what a class's file would hold: its pairs
-            listed = {p for c in listed for p in (f"{c}|{s}" for s in shift_keys)}
+            listed = {f"{c}|{s}" for key in listed for c, s in pairs_of(key, shift_keys)}
     missing, extra = sorted(expected - listed), sorted(listed - expected)
     meta = {"path": dg.MetadataValue.path(str(storage.scores_db)), "partitions": len(expected),
             "file_rows": file_rows, "missing": name_list(missing) or "none", "extra": name_list(extra) or "none",

@@ -57,12 +57,12 @@ _LISTED: dict[str, tuple[tuple, list[ClassFolder]]] = {}
 def discover_classes(dataset_root: str | Path) -> list[ClassFolder]:
     """Every sub-folder of `dataset_root` is a class; keys must be unique.
 
-    The folder is listed again only when its own stat (inode, mtime, ctime) differs from the last
+    The folder is listed again only when its own file_signature (size, mtime, ctime, inode) differs from the last
     listing's in this process: adding, removing or renaming a class folder changes its mtime. A listing
     taken within a clock tick of the folder's last change is not kept (a change in the same tick could
     keep the mtime), as observe.without_racy does for files; nor is one of a folder holding a link,
     whose target can come or go without the dataset folder changing."""
-    from .observe import without_racy
+    from .observe import file_signature, without_racy
 
     root = Path(dataset_root)
     start = time.time_ns()
@@ -72,12 +72,12 @@ def discover_classes(dataset_root: str | Path) -> list[ClassFolder]:
         raise FileNotFoundError(f"dataset folder {root} does not exist") from None
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"dataset {root} is a file, not a folder of class folders")
-    signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    signature = file_signature(st)
     last = _LISTED.get(str(root))
     if last is not None and last[0] == signature:
         return list(last[1])
     classes, linked = _list_classes(root)
-    if not linked and without_racy({root: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]}, start)[root]:
+    if not linked and without_racy({root: signature}, start)[root]:
         _LISTED[str(root)] = (signature, classes)
     else:
         _LISTED.pop(str(root), None)

@@ -112,11 +112,12 @@ def read_partition(root: str | Path, class_key: str, shift: str):
     manifest, images = read_counterfactuals(root / "images" / class_key / shift)
     records = manifest["images"]
     folder = root / "scores" / f"class={class_key}"
-    scores, of_class = folder / f"shift={shift}" / "part.parquet", folder / "part.parquet"
+    scores, filters = folder / f"shift={shift}" / "part.parquet", None
+    if not scores.exists():  # the class grain's file of every shift
+        scores, filters = folder / "part.parquet", [("shift", "==", shift)]
     verdict = {}
-    if scores.exists() or of_class.exists():  # the pair's file, or the class grain's file of every shift
-        t = (pq.read_table(scores) if scores.exists()
-             else pq.read_table(of_class, filters=[("shift", "==", shift)])).to_pydict()
+    if scores.exists():
+        t = pq.read_table(scores, filters=filters).to_pydict()
         verdict = {s: (k, r) for s, k, r in zip(t["seed"], t["kept"], t.get("drop_reason", [None] * len(t["seed"])))}
     kept = [verdict.get(r["seed"], (True, None)) for r in records]
     return records, images, kept
